@@ -1,0 +1,303 @@
+"""Config: YAML -> nested frozen dataclasses with defaults, ``--set`` overrides, validation.
+
+Every key has a type; unknown keys, wrong types and invalid values raise
+:class:`ConfigError` naming the full key path (``train.rank``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from mfdist.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "mfdist"
+    run_id: Optional[str] = None
+    seed: int = 42
+    checkpoint_dir: str = "./lake/_checkpoints"
+
+
+@dataclass(frozen=True)
+class SparkConfig:
+    master: Optional[str] = None
+    conf: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ColumnsConfig:
+    user: str = "user_id"
+    item: str = "item_id"
+    rating: str = "rating"
+    timestamp: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    users: int = 20_000
+    items: int = 2_000
+    ratings: int = 1_000_000
+    rank: int = 8
+    seed: int = 7
+    noise: float = 0.5
+
+
+@dataclass(frozen=True)
+class InputConfig:
+    path: Optional[str] = None
+    format: Literal["parquet", "csv", "tsv", "movielens", "synthetic", "delta", "table"] = "synthetic"
+    columns: ColumnsConfig = field(default_factory=ColumnsConfig)
+    header: bool = True
+    rating_range: list[float] = field(default_factory=lambda: [1.0, 5.0])
+    implicit: bool = False
+    duplicates: Literal["last", "mean", "error"] = "last"
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    method: Literal["random", "per_user", "temporal", "file"] = "random"
+    test_fraction: float = 0.2
+    test_path: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    algorithm: Literal["als", "dsgd"] = "als"
+    rank: int = 10
+    epochs: int = 10
+    reg: float = 0.1
+    biases: bool = True
+    bias_reg: float = 10.0
+    implicit_alpha: float = 1.0
+    nonnegative: bool = False
+    step_size: float = 0.01
+    blocks: Optional[int] = None
+    checkpoint_interval: int = 5
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    users: int = 2_000
+    items: int = 1_000
+    strategy: Literal["top_active", "random"] = "top_active"
+    max_ratings: int = 5_000_000
+
+
+@dataclass(frozen=True)
+class RefineConfig:
+    enabled: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    epochs: int = 200
+    lr: float = 0.01
+    head: Literal["none", "mlp"] = "none"
+    validation_fraction: float = 0.2
+    patience: int = 10
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    k: int = 10
+    metrics: list[str] = field(
+        default_factory=lambda: ["rmse", "mae", "precision", "recall", "ndcg", "map", "coverage"]
+    )
+    relevance_threshold: Optional[float] = None
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    root: str = "./lake"
+    format: Literal["parquet", "delta"] = "parquet"
+    database: Optional[str] = None
+    top_n: int = 10
+    similar_items: int = 10
+    cold_start_popular: bool = False
+    broadcast_max_mb: int = 256
+
+
+@dataclass(frozen=True)
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    spark: SparkConfig = field(default_factory=SparkConfig)
+    input: InputConfig = field(default_factory=InputConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    refine: RefineConfig = field(default_factory=RefineConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+METRIC_NAMES = ("rmse", "mae", "precision", "recall", "ndcg", "map", "coverage")
+
+
+def _convert(value: Any, hint: Any, key: str) -> Any:
+    """Convert a YAML value to the type ``hint``, raising ConfigError naming ``key``."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(value, inner, key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, args))}")
+        return value
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        return _build(hint, value, key + ".")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        # Spark conf values are strings to Spark; YAML may read 4 or true.
+        return {str(k): _scalar_str(v, f"{key}.{k}") for k, v in value.items()}
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if isinstance(value, (dict, list)) or value is None:
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    raise TypeError(f"unsupported config type {hint!r} for {key}")
+
+
+def _scalar_str(value: Any, key: str) -> str:
+    if isinstance(value, (dict, list)) or value is None:
+        raise ConfigError(f"{key}: expected a scalar value, got {value!r}")
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]} (known under {prefix or 'top level'}: {', '.join(sorted(names))})")
+    return cls(**{k: _convert(v, hints[k], prefix + k) for k, v in raw.items()})
+
+
+def _set_path(raw: dict[str, Any], path: str, value: Any) -> None:
+    """Set ``path`` (``a.b.c``) in ``raw``; keys under a dict-typed field may contain dots."""
+    parts = path.split(".")
+    node, cls = raw, Config
+    for i, part in enumerate(parts):
+        hints = typing.get_type_hints(cls)
+        if part not in hints:
+            raise ConfigError(f"unknown config key {'.'.join(parts[: i + 1])}")
+        hint = hints[part]
+        if i == len(parts) - 1:
+            node[part] = value
+            return
+        if typing.get_origin(hint) is dict:
+            node.setdefault(part, {})[".".join(parts[i + 1 :])] = value
+            return
+        if not dataclasses.is_dataclass(hint):
+            raise ConfigError(f"config key {'.'.join(parts[: i + 1])} has no sub-keys")
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = node[part] = {}
+        node, cls = child, hint
+
+
+def parse_overrides(pairs: list[str]) -> list[tuple[str, Any]]:
+    """Parse ``key.path=value`` strings; values are YAML scalars or lists."""
+    out = []
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {pair!r}: expected key.path=value")
+        try:
+            out.append((key.strip(), yaml.safe_load(text) if text else ""))
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {key}: cannot parse value {text!r}: {exc.problem}") from None
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load YAML ``path`` (or defaults), apply ``--set`` overrides and validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections")
+    for key, value in parse_overrides(overrides or []):
+        _set_path(raw, key, value)
+    cfg = _build(Config, raw)
+    validate(cfg)
+    if cfg.run.run_id is None:
+        run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, run_id=run_id))
+    return cfg
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def validate(cfg: Config) -> None:
+    """Value checks in the spirit of Spark's ParamValidators."""
+    lo_hi = cfg.input.rating_range
+    _require(len(lo_hi) == 2 and lo_hi[0] < lo_hi[1], "input.rating_range", f"expected [lo, hi] with lo < hi, got {lo_hi}")
+    _require(cfg.input.format == "synthetic" or bool(cfg.input.path), "input.path", f"required for input.format={cfg.input.format}")
+    syn = cfg.input.synthetic
+    for name in ("users", "items", "ratings", "rank"):
+        _require(getattr(syn, name) >= 1, f"input.synthetic.{name}", "must be >= 1")
+    _require(syn.noise >= 0, "input.synthetic.noise", "must be >= 0")
+    _require(0 < cfg.split.test_fraction < 1, "split.test_fraction", f"must be in (0, 1), got {cfg.split.test_fraction}")
+    _require(cfg.split.method != "file" or bool(cfg.split.test_path), "split.test_path", "required for split.method=file")
+    t = cfg.train
+    _require(t.rank >= 1, "train.rank", f"must be >= 1, got {t.rank}")
+    _require(t.epochs >= 1, "train.epochs", f"must be >= 1, got {t.epochs}")
+    _require(t.reg >= 0, "train.reg", f"must be >= 0, got {t.reg}")
+    _require(t.bias_reg >= 0, "train.bias_reg", f"must be >= 0, got {t.bias_reg}")
+    _require(t.implicit_alpha >= 0, "train.implicit_alpha", f"must be >= 0, got {t.implicit_alpha}")
+    _require(t.step_size > 0, "train.step_size", f"must be > 0, got {t.step_size}")
+    _require(t.blocks is None or t.blocks >= 1, "train.blocks", f"must be >= 1, got {t.blocks}")
+    _require(t.checkpoint_interval >= 1, "train.checkpoint_interval", "must be >= 1")
+    r = cfg.refine
+    _require(r.sample.users >= 1 and r.sample.items >= 1, "refine.sample", "users and items must be >= 1")
+    _require(r.sample.max_ratings >= 1, "refine.sample.max_ratings", "must be >= 1")
+    _require(r.epochs >= 1, "refine.epochs", "must be >= 1")
+    _require(r.lr > 0, "refine.lr", "must be > 0")
+    _require(0 < r.validation_fraction < 1, "refine.validation_fraction", "must be in (0, 1)")
+    _require(cfg.evaluate.k >= 1, "evaluate.k", "must be >= 1")
+    bad = sorted(set(cfg.evaluate.metrics) - set(METRIC_NAMES))
+    _require(not bad, "evaluate.metrics", f"unknown metric {bad[0] if bad else ''} (known: {', '.join(METRIC_NAMES)})")
+    o = cfg.output
+    _require(o.top_n >= 0, "output.top_n", "must be >= 0")
+    _require(o.similar_items >= 0, "output.similar_items", "must be >= 0")
+    _require(o.broadcast_max_mb >= 0, "output.broadcast_max_mb", "must be >= 0")

@@ -1,0 +1,221 @@
+"""Stage 1, ingest: read ratings, map columns, validate every row, resolve duplicates.
+
+Output ``ratings``: user_id (source type; string for text formats), item_id,
+rating double, ts timestamp (null when the input has none).
+Output ``rejected``: user_id, item_id, rating, ts as the raw strings, reason.
+``input_rows = accepted_rows + rejected_rows`` always holds: a duplicate that
+the ``last`` policy supersedes is rejected with reason ``duplicate superseded``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from pyspark.sql import Column, DataFrame, SparkSession, Window
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from mfdist import schema as S
+from mfdist.config import ColumnsConfig, InputConfig
+from mfdist.errors import InputError
+from mfdist.synth import generate_ratings
+
+log = logging.getLogger(__name__)
+
+REASON_NULL_USER = "null user_id"
+REASON_NULL_ITEM = "null item_id"
+REASON_NAN = "rating not a number"
+REASON_RANGE = "rating out of range"
+REASON_TS = "bad timestamp"
+REASON_DUPLICATE = "duplicate superseded"
+
+_ORDER = "_order"
+# MovieLens layouts: file name -> (separator, header, columns in file order).
+_ML_FIELDS = ("userId", "movieId", "rating", "timestamp")
+_ML_COLUMNS = ColumnsConfig(user="userId", item="movieId", rating="rating", timestamp="timestamp")
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    ratings: DataFrame
+    rejected: DataFrame
+    input_rows: int
+    accepted_rows: int
+    rejected_rows: int
+
+
+def _require_path(path: str) -> None:
+    if "://" not in path and not Path(path).exists():
+        raise InputError(f"input path not found: {path}")
+
+
+def _read_delimited(spark: SparkSession, path: str, *, sep: str, header: bool, names: tuple[str, ...] | None) -> DataFrame:
+    """Read a text table with every column as a string (validation does the typing)."""
+    df = spark.read.csv(path, sep=sep, header=header, inferSchema=False, mode="PERMISSIVE")
+    return df.toDF(*names) if names else df
+
+
+def _read_double_colon(spark: SparkSession, path: str) -> DataFrame:
+    """MovieLens 1M/10M `ratings.dat`: `user::item::rating::timestamp`."""
+    parts = F.split(F.col("value"), "::")
+    return spark.read.text(path).select(*[parts.getItem(i).alias(n) for i, n in enumerate(_ML_FIELDS)])
+
+
+def movielens_file(path: str) -> str:
+    """The ratings file of a MovieLens folder (u.data, ratings.dat, ratings.csv) or the file itself."""
+    p = Path(path)
+    if p.is_dir():
+        for name in ("u.data", "ratings.dat", "ratings.csv"):
+            if (p / name).is_file():
+                return str(p / name)
+        raise InputError(f"input.path {path}: no u.data, ratings.dat or ratings.csv in this MovieLens folder")
+    return path
+
+
+def read_movielens(spark: SparkSession, path: str) -> DataFrame:
+    """Read any MovieLens ratings layout to columns userId, movieId, rating, timestamp (strings)."""
+    file = movielens_file(path)
+    if file.endswith(".dat"):
+        return _read_double_colon(spark, file)
+    if file.endswith(".csv"):
+        return _read_delimited(spark, file, sep=",", header=True, names=None).select(*_ML_FIELDS)
+    return _read_delimited(spark, file, sep="\t", header=False, names=_ML_FIELDS)
+
+
+def read_source(spark: SparkSession, cfg: InputConfig, path: str | None) -> tuple[DataFrame, ColumnsConfig]:
+    """Read ``path`` in ``cfg.format``; return the frame and the column mapping to apply."""
+    fmt = cfg.format
+    if fmt == "synthetic":
+        return generate_ratings(spark, cfg=cfg.synthetic, rating_range=cfg.rating_range), ColumnsConfig(timestamp=S.TS)
+    assert path is not None
+    if fmt == "table":
+        if not spark.catalog.tableExists(path):
+            raise InputError(f"input.path: table {path} not found in the catalog")
+        return spark.read.table(path), cfg.columns
+    _require_path(path)
+    if fmt == "parquet":
+        return spark.read.parquet(path), cfg.columns
+    if fmt == "delta":
+        from mfdist.lake import require_delta
+
+        require_delta(spark, "input.format")
+        return spark.read.format("delta").load(path), cfg.columns
+    if fmt == "movielens":
+        return read_movielens(spark, path), _ML_COLUMNS
+    sep = "," if fmt == "csv" else "\t"
+    return _read_delimited(spark, path, sep=sep, header=cfg.header, names=None), cfg.columns
+
+
+def map_columns(df: DataFrame, columns: ColumnsConfig, source: str) -> DataFrame:
+    """Select the configured columns as user_id, item_id, rating, ts (ts null when not configured)."""
+    wanted = {S.USER_ID: columns.user, S.ITEM_ID: columns.item, S.RATING: columns.rating}
+    if columns.timestamp:
+        wanted[S.TS] = columns.timestamp
+    for target, name in wanted.items():
+        if name not in df.columns:
+            key = {S.USER_ID: "user", S.ITEM_ID: "item", S.RATING: "rating", S.TS: "timestamp"}[target]
+            raise InputError(
+                f"input.columns.{key}: column {name!r} not in {source} (columns: {', '.join(df.columns)})"
+            )
+    cols = [F.col(name).alias(target) for target, name in wanted.items()]
+    if not columns.timestamp:
+        cols.append(F.lit(None).cast(T.StringType()).alias(S.TS))
+    return df.select(*cols)
+
+
+def _clean_id(c: Column, dtype: T.DataType) -> Column:
+    """Strings are trimmed and an empty string counts as null."""
+    if isinstance(dtype, T.StringType):
+        trimmed = F.trim(c)
+        return F.when(trimmed != "", trimmed)
+    return c
+
+
+def _parse_ts(c: Column, dtype: T.DataType) -> Column:
+    """Timestamps as epoch seconds (numbers or numeric strings) or ISO-8601 strings."""
+    if isinstance(dtype, (T.TimestampType, T.TimestampNTZType, T.DateType)):
+        return c.cast(T.TimestampType())
+    if isinstance(dtype, T.NumericType):
+        return F.timestamp_seconds(c)
+    text = F.trim(c.cast(T.StringType()))
+    seconds = text.try_cast(T.LongType())
+    return F.coalesce(F.timestamp_seconds(seconds), F.try_to_timestamp(text))
+
+
+def validate(df: DataFrame, *, rating_range: list[float]) -> DataFrame:
+    """Add typed columns and a ``reason`` (null for a good row) to mapped raw ratings."""
+    types = dict(df.dtypes)
+    schema = {f.name: f.dataType for f in df.schema.fields}
+    lo, hi = rating_range
+    rating = F.col(S.RATING).try_cast(T.DoubleType()) if types[S.RATING] != "double" else F.col(S.RATING)
+    typed = df.select(
+        *[F.col(c).cast(T.StringType()).alias(f"raw_{c}") for c in S.RAW_COLUMNS],
+        _clean_id(F.col(S.USER_ID), schema[S.USER_ID]).alias(S.USER_ID),
+        _clean_id(F.col(S.ITEM_ID), schema[S.ITEM_ID]).alias(S.ITEM_ID),
+        rating.alias(S.RATING),
+        _parse_ts(F.col(S.TS), schema[S.TS]).alias(S.TS),
+        F.monotonically_increasing_id().alias(_ORDER),
+    )
+    reason = (
+        F.when(F.col(S.USER_ID).isNull(), REASON_NULL_USER)
+        .when(F.col(S.ITEM_ID).isNull(), REASON_NULL_ITEM)
+        .when(F.col(S.RATING).isNull() | F.isnan(S.RATING), REASON_NAN)
+        .when((F.col(S.RATING) < lo) | (F.col(S.RATING) > hi), REASON_RANGE)
+        .when(F.col("raw_ts").isNotNull() & F.col(S.TS).isNull(), REASON_TS)
+    )
+    return typed.withColumn(S.REASON, reason)
+
+
+def rejected_rows(validated: DataFrame) -> DataFrame:
+    """The raw columns as strings plus the reason, for rows that failed validation."""
+    return validated.where(F.col(S.REASON).isNotNull()).select(
+        *[F.col(f"raw_{c}").alias(c) for c in S.RAW_COLUMNS], S.REASON
+    )
+
+
+def resolve_duplicates(accepted: DataFrame, *, policy: str) -> tuple[DataFrame, DataFrame | None]:
+    """Apply ``input.duplicates``; return the unique ratings and the superseded rows (``last`` only)."""
+    key = [S.USER_ID, S.ITEM_ID]
+    if policy == "mean":
+        merged = accepted.groupBy(*key).agg(F.avg(S.RATING).alias(S.RATING), F.max(S.TS).alias(S.TS))
+        return merged, None
+    if policy == "error":
+        dup = accepted.groupBy(*key).count().where("count > 1").limit(1).collect()
+        if dup:
+            u, i, n = dup[0]
+            raise InputError(
+                f"input.duplicates=error: ({S.USER_ID}={u}, {S.ITEM_ID}={i}) occurs {n} times; "
+                "set input.duplicates to last or mean"
+            )
+        return accepted.select(*key, S.RATING, S.TS), None
+    newest_first = Window.partitionBy(*key).orderBy(F.col(S.TS).desc_nulls_last(), F.col(_ORDER).desc())
+    ranked = accepted.withColumn("_rn", F.row_number().over(newest_first))
+    superseded = ranked.where("_rn > 1").select(
+        *[F.col(f"raw_{c}").alias(c) for c in S.RAW_COLUMNS], F.lit(REASON_DUPLICATE).alias(S.REASON)
+    )
+    return ranked.where("_rn = 1").select(*key, S.RATING, S.TS), superseded
+
+
+def ingest(spark: SparkSession, cfg: InputConfig, *, path: str | None = None) -> IngestResult:
+    """Read, validate and de-duplicate ``path`` (default ``cfg.path``); counts are Spark actions."""
+    source = path if path is not None else cfg.path
+    raw, columns = read_source(spark, cfg, source)
+    validated = validate(map_columns(raw, columns, source or "synthetic ratings"), rating_range=cfg.rating_range)
+    validated = validated.cache()
+    counts = validated.agg(F.count(F.lit(1)).alias("n"), F.count(S.REASON).alias("bad")).first()
+    input_rows, invalid = int(counts["n"]), int(counts["bad"])
+    accepted = validated.where(F.col(S.REASON).isNull())
+    ratings, superseded = resolve_duplicates(accepted, policy=cfg.duplicates)
+    rejected = rejected_rows(validated)
+    n_superseded = 0
+    if superseded is not None:
+        superseded = superseded.cache()
+        n_superseded = superseded.count()
+        rejected = rejected.unionByName(superseded)
+    accepted_rows = input_rows - invalid - n_superseded
+    if accepted_rows == 0:
+        raise InputError(f"input.path {source or 'synthetic'}: no valid ratings ({input_rows} rows read, all rejected)")
+    log.info("ingest: %d rows read, %d accepted, %d rejected", input_rows, accepted_rows, invalid + n_superseded)
+    return IngestResult(ratings, rejected, input_rows, accepted_rows, invalid + n_superseded)

@@ -1,0 +1,115 @@
+"""The data-lake layout under ``output.root`` and file-system operations through Hadoop's FileSystem.
+
+Layout::
+
+    <root>/<table>/run_id=<id>/part-*.parquet   committed partitions (what readers see)
+    <root>/_staging/<id>/<table>/                a run's tables before commit
+    <root>/runs/run_id=<id>/                     the run record, written last
+
+Going through Hadoop's FileSystem (not ``os``) keeps the same code working on
+HDFS, S3A, ABFS and GCS as on a local disk.
+"""
+
+from __future__ import annotations
+
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from mfdist import schema as S
+from mfdist.errors import ConfigError
+
+STAGING = "_staging"
+
+
+def table_path(root: str, table: str) -> str:
+    return f"{root.rstrip('/')}/{table}"
+
+
+def partition_path(root: str, table: str, run_id: str) -> str:
+    return f"{table_path(root, table)}/{S.RUN_ID}={run_id}"
+
+
+def staging_path(root: str, run_id: str, table: str | None = None) -> str:
+    base = f"{root.rstrip('/')}/{STAGING}/{run_id}"
+    return f"{base}/{table}" if table else base
+
+
+class FileSystem:
+    """The few Hadoop FileSystem calls the publisher needs, for any scheme."""
+
+    def __init__(self, spark: SparkSession, path: str):
+        jvm = spark.sparkContext._jvm
+        self._jvm = jvm
+        self._fs = jvm.org.apache.hadoop.fs.Path(path).getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())
+
+    def _path(self, path: str):
+        return self._jvm.org.apache.hadoop.fs.Path(path)
+
+    def exists(self, path: str) -> bool:
+        return bool(self._fs.exists(self._path(path)))
+
+    def delete(self, path: str) -> bool:
+        return bool(self._fs.delete(self._path(path), True))
+
+    def mkdirs(self, path: str) -> None:
+        self._fs.mkdirs(self._path(path))
+
+    def rename(self, src: str, dst: str) -> None:
+        if not self._fs.rename(self._path(src), self._path(dst)):
+            raise OSError(f"could not rename {src} to {dst}")
+
+    def list_dirs(self, path: str) -> list[str]:
+        """Names of the sub-directories of ``path`` (empty when it does not exist)."""
+        if not self.exists(path):
+            return []
+        return [s.getPath().getName() for s in self._fs.listStatus(self._path(path)) if s.isDirectory()]
+
+
+def read_table(spark: SparkSession, root: str, table: str) -> DataFrame | None:
+    """All committed partitions of ``table`` (with run_id), or None when it has none."""
+    path = table_path(root, table)
+    if not any(d.startswith(f"{S.RUN_ID}=") for d in FileSystem(spark, path).list_dirs(path)):
+        return None
+    return spark.read.option("basePath", path).parquet(path)
+
+
+def read_partition(spark: SparkSession, root: str, table: str, run_id: str) -> DataFrame:
+    """One run's committed partition of ``table`` (without the run_id column)."""
+    return spark.read.parquet(partition_path(root, table, run_id))
+
+
+def runs_by_status(spark: SparkSession, root: str, status: str = "succeeded") -> DataFrame | None:
+    """Runs with ``status``, newest finished first."""
+    runs = read_table(spark, root, S.RUNS)
+    if runs is None:
+        return None
+    return runs.where(F.col("status") == status).orderBy(F.col("finished_at").desc(), F.col(S.RUN_ID).desc())
+
+
+def latest_succeeded_run(spark: SparkSession, root: str, *, exclude: str | None = None) -> str | None:
+    """The run_id of the newest succeeded run under ``root`` (a bounded, one-row action)."""
+    runs = runs_by_status(spark, root)
+    if runs is None:
+        return None
+    if exclude is not None:
+        runs = runs.where(F.col(S.RUN_ID) != exclude)
+    row = runs.select(S.RUN_ID).first()
+    return row[0] if row else None
+
+
+def delta_available(spark: SparkSession) -> bool:
+    """Whether the Delta Lake classes are on the JVM classpath."""
+    try:
+        spark.sparkContext._jvm.java.lang.Class.forName("io.delta.tables.DeltaTable")
+        return True
+    except Exception:  # py4j wraps the ClassNotFoundException
+        return False
+
+
+def require_delta(spark: SparkSession, key: str) -> None:
+    """Fail fast, naming ``key``, when Delta is asked for but its JARs are missing."""
+    if not delta_available(spark):
+        raise ConfigError(
+            f"{key}: delta needs the Delta Lake JARs on the classpath (io.delta:delta-spark; built in on "
+            "Databricks and EMR with Delta enabled); use parquet here or add the package to spark.jars.packages"
+        )

@@ -1,0 +1,167 @@
+"""The training job: ingest -> reindex -> split -> train -> evaluate -> publish.
+
+``run(spark, cfg)`` is what ``jobs/train.py`` and the end-to-end tests call.
+Each stage logs one line with its row counts and seconds and records its wall
+time as the ``seconds`` metric under its own name.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from typing import Iterator
+
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from mfdist import lake
+from mfdist import schema as S
+from mfdist.config import Config
+from mfdist.evaluate import rating_metrics
+from mfdist.ingest import IngestResult, ingest
+from mfdist.publish import Publisher, RunRecord, epochs_frame, factor_table, metrics_frame
+from mfdist.reindex import apply_index, build_index, check_capacity
+from mfdist.split import split
+from mfdist.train import EpochRecord, Model, make_trainer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    record: RunRecord
+    model: Model
+    metrics: dict[tuple[str, str], float]
+    epochs: list[tuple] = field(default_factory=list)
+
+
+@dataclass
+class Metrics:
+    """The (stage, metric, value) rows of a run: bounded by the number of stages and metrics."""
+
+    rows: list[tuple[str, str, float]] = field(default_factory=list)
+
+    def add(self, stage: str, metric: str, value: float) -> None:
+        self.rows.append((stage, metric, float(value)))
+
+    def as_dict(self) -> dict[tuple[str, str], float]:
+        return {(s, m): v for s, m, v in self.rows}
+
+    @contextmanager
+    def timed(self, stage: str) -> Iterator[dict[str, object]]:
+        """Time a stage; the body fills ``info`` with the counts to log."""
+        info: dict[str, object] = {}
+        started = time.perf_counter()
+        log.info("%s: started", stage)
+        yield info
+        seconds = time.perf_counter() - started
+        self.add(stage, "seconds", seconds)
+        details = " ".join(f"{k}={v}" for k, v in info.items())
+        log.info("%s: done in %.1f s %s", stage, seconds, details)
+
+
+def _ingest_all(spark: SparkSession, cfg: Config) -> tuple[IngestResult, IngestResult | None]:
+    train = ingest(spark, cfg.input)
+    test = ingest(spark, cfg.input, path=cfg.split.test_path) if cfg.split.method == "file" else None
+    return train, test
+
+
+def _previous_index(spark: SparkSession, cfg: Config, table: str) -> DataFrame | None:
+    """The index of the newest succeeded run under output.root, reused so ids keep their index."""
+    previous = lake.latest_succeeded_run(spark, cfg.output.root, exclude=cfg.run.run_id)
+    return None if previous is None else lake.read_partition(spark, cfg.output.root, table, previous)
+
+
+def _index(spark: SparkSession, cfg: Config, ids: DataFrame, *, id_col: str, idx_col: str, table: str) -> tuple[DataFrame, int]:
+    index = build_index(ids, _previous_index(spark, cfg, table), id_col=id_col, idx_col=idx_col, table=table)
+    index = index.cache()
+    size = index.count()
+    check_capacity(size, table)
+    return index, size
+
+
+def run(spark: SparkSession, cfg: Config) -> RunResult:
+    """Run every stage for ``cfg`` and publish the run; on failure the run is recorded as failed."""
+    spark.sparkContext.setCheckpointDir(cfg.run.checkpoint_dir)
+    publisher = Publisher(spark, cfg)
+    record = publisher.begin()
+    metrics = Metrics()
+    lo_hi = cfg.input.rating_range
+    try:
+        with metrics.timed("ingest") as info:
+            train_in, test_in = _ingest_all(spark, cfg)
+            parts = [train_in] + ([test_in] if test_in else [])
+            record = replace(
+                record,
+                input_rows=sum(p.input_rows for p in parts),
+                accepted_rows=sum(p.accepted_rows for p in parts),
+                rejected_rows=sum(p.rejected_rows for p in parts),
+            )
+            rejected = train_in.rejected if test_in is None else train_in.rejected.unionByName(test_in.rejected)
+            info.update(input_rows=record.input_rows, accepted=record.accepted_rows, rejected=record.rejected_rows)
+        for name in ("input_rows", "accepted_rows", "rejected_rows"):
+            metrics.add("ingest", name, getattr(record, name))
+
+        with metrics.timed("reindex") as info:
+            everything = train_in.ratings if test_in is None else train_in.ratings.unionByName(test_in.ratings)
+            user_index, n_users = _index(spark, cfg, everything, id_col=S.USER_ID, idx_col=S.USER_IDX, table=S.USER_INDEX)
+            item_index, n_items = _index(spark, cfg, everything, id_col=S.ITEM_ID, idx_col=S.ITEM_IDX, table=S.ITEM_INDEX)
+            info.update(users=n_users, items=n_items)
+        metrics.add("reindex", "users", n_users)
+        metrics.add("reindex", "items", n_items)
+
+        with metrics.timed("split") as info:
+            cols = [S.USER_IDX, S.ITEM_IDX, S.RATING, S.TS]
+            indexed = apply_index(train_in.ratings, user_index, item_index).select(*cols)
+            if test_in is None:
+                train, test = split(indexed, method=cfg.split.method, test_fraction=cfg.split.test_fraction, seed=cfg.run.seed)
+            else:
+                train, test = indexed, apply_index(test_in.ratings, user_index, item_index).select(*cols)
+            train, test = train.cache(), test.cache()
+            n_train, n_test = train.count(), test.count()
+            info.update(train=n_train, test=n_test)
+        metrics.add("split", "train_rows", n_train)
+        metrics.add("split", "test_rows", n_test)
+
+        epochs: list[tuple] = []
+
+        def on_epoch(e: EpochRecord) -> None:
+            epochs.append(("train", e.epoch, e.loss, e.train_rmse, e.test_rmse, e.step_size, e.seconds))
+            log.info(
+                "train epoch %d: loss=%s train_rmse=%s test_rmse=%s step=%s %.1f s (%.0f ratings/s)",
+                e.epoch, _fmt(e.loss), _fmt(e.train_rmse), _fmt(e.test_rmse), _fmt(e.step_size), e.seconds,
+                n_train / e.seconds if e.seconds else 0.0,
+            )
+
+        with metrics.timed("train") as info:
+            model = make_trainer(cfg).fit(train, test=test, callback=on_epoch).model
+            info.update(algorithm=cfg.train.algorithm, rank=model.rank, mu=round(model.mu, 4))
+
+        with metrics.timed("evaluate") as info:
+            scores = rating_metrics(test, model, rating_range=lo_hi)
+            for name in ("rmse", "mae", "unseen_user_rows", "unseen_item_rows"):
+                metrics.add("evaluate", name, scores[name])
+            info.update(rmse=round(scores["rmse"], 4), mae=round(scores["mae"], 4))
+        print(f"test RMSE {scores['rmse']:.4f}  MAE {scores['mae']:.4f}  ({int(scores['test_rows'])} test ratings)")
+
+        with metrics.timed("publish") as info:
+            publisher.stage(S.USER_INDEX, user_index)
+            publisher.stage(S.ITEM_INDEX, item_index)
+            publisher.stage(S.USER_FACTORS, factor_table(model.users, user_index, idx_col=S.USER_IDX))
+            publisher.stage(S.ITEM_FACTORS, factor_table(model.items, item_index, idx_col=S.ITEM_IDX))
+            publisher.stage(S.REJECTED_RATINGS, rejected)
+            publisher.stage(S.EPOCHS, epochs_frame(spark, epochs))
+            info.update(root=cfg.output.root, run_id=cfg.run.run_id)
+        # The publish time is known only now, so the metrics table is staged last.
+        publisher.stage(S.METRICS, metrics_frame(spark, metrics.rows))
+        record = publisher.commit(record)
+    except BaseException as exc:
+        publisher.fail(record, exc)
+        raise
+    return RunResult(record=record, model=model, metrics=metrics.as_dict(), epochs=epochs)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"

@@ -1,0 +1,83 @@
+"""Stage 4, train: the trainer interface and the factory that picks ALS or DSGD.
+
+Every trainer returns a :class:`Model` (the published model
+``r ~ mu + b_u + b_i + p_u . q_i``) whose frames are
+``users``: user_idx int, bias float, factors array<float> and
+``items``: item_idx int, bias float, factors array<float>.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+
+from mfdist import schema as S
+from mfdist.config import Config
+from mfdist.errors import ModelFitError
+
+
+@dataclass
+class Model:
+    mu: float
+    users: DataFrame
+    items: DataFrame
+    rank: int
+
+
+@dataclass(frozen=True)
+class EpochRecord:
+    epoch: int
+    loss: Optional[float]
+    train_rmse: Optional[float]
+    test_rmse: Optional[float]
+    step_size: Optional[float]
+    seconds: float
+
+
+@dataclass
+class TrainResult:
+    model: Model
+    epochs: list[EpochRecord] = field(default_factory=list)
+
+
+# Called after each epoch with the record, so the job can log and tests can observe.
+EpochCallback = Callable[[EpochRecord], None]
+
+
+class Trainer(ABC):
+    """Fits a Model on indexed training ratings (user_idx, item_idx, rating)."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    @abstractmethod
+    def fit(self, train: DataFrame, *, test: DataFrame | None = None, callback: EpochCallback | None = None) -> TrainResult:
+        """Train on ``train``; ``test`` (indexed, may hold unseen ids) is for per-epoch RMSE."""
+
+
+def make_trainer(cfg: Config) -> Trainer:
+    """The trainer for ``train.algorithm``."""
+    if cfg.train.algorithm == "als":
+        from mfdist.train.als import ALSTrainer
+
+        return ALSTrainer(cfg)
+    from mfdist.train.dsgd import DSGDTrainer
+
+    return DSGDTrainer(cfg)
+
+
+def check_finite(model: Model) -> None:
+    """Raise ModelFitError when any bias or factor is NaN or infinite (a bounded action)."""
+    def bad(frame: DataFrame) -> bool:
+        not_finite = F.exists(S.FACTORS, lambda x: F.isnan(x) | (F.abs(x) == float("inf")))
+        return frame.where(not_finite | F.isnan(S.BIAS) | (F.abs(S.BIAS) == float("inf"))).limit(1).count() > 0
+
+    if bad(model.users) or bad(model.items):
+        raise ModelFitError(
+            "NaN or infinite values in the trained factors: the model diverged; "
+            "try a smaller train.step_size or a larger train.reg"
+        )

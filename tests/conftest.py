@@ -1,0 +1,43 @@
+"""One session-scoped local SparkSession for the whole suite (never stopped by tests)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from pyspark.sql import SparkSession
+
+REPO = Path(__file__).resolve().parents[1]
+ML100K = (REPO / ".." / "shared" / "data" / "ml-100k").resolve()
+
+os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+
+
+@pytest.fixture(scope="session")
+def spark(tmp_path_factory: pytest.TempPathFactory) -> SparkSession:
+    local_dir = tmp_path_factory.mktemp("spark-local")
+    session = (
+        SparkSession.builder.master("local[2]")
+        .appName("mfdist-tests")
+        .config("spark.sql.shuffle.partitions", "2")
+        .config("spark.default.parallelism", "2")
+        .config("spark.ui.enabled", "false")
+        .config("spark.sql.session.timeZone", "UTC")
+        .config("spark.local.dir", str(local_dir))
+        .config("spark.driver.memory", "2g")
+        .config("spark.sql.sources.partitionColumnTypeInference.enabled", "false")
+        .config("spark.sql.execution.arrow.pyspark.enabled", "true")
+        .getOrCreate()
+    )
+    session.sparkContext.setLogLevel("ERROR")
+    session.sparkContext.setCheckpointDir(str(tmp_path_factory.mktemp("checkpoints")))
+    return session
+
+
+@pytest.fixture(scope="session")
+def ml100k() -> Path:
+    if not (ML100K / "u1.base").is_file():
+        pytest.skip(f"MovieLens 100k not found at {ML100K}")
+    return ML100K
