@@ -294,6 +294,11 @@ def validate(cfg: Config) -> None:
     _require(r.epochs >= 1, "refine.epochs", "must be >= 1")
     _require(r.lr > 0, "refine.lr", "must be > 0")
     _require(0 < r.validation_fraction < 1, "refine.validation_fraction", "must be in (0, 1)")
+    _require(r.patience >= 1, "refine.patience", "must be >= 1")
+    _require(
+        not (r.enabled and cfg.input.implicit), "refine.enabled",
+        "refinement fits explicit ratings by RMSE; turn it off for input.implicit=true",
+    )
     _require(cfg.evaluate.k >= 1, "evaluate.k", "must be >= 1")
     bad = sorted(set(cfg.evaluate.metrics) - set(METRIC_NAMES))
     _require(not bad, "evaluate.metrics", f"unknown metric {bad[0] if bad else ''} (known: {', '.join(METRIC_NAMES)})")

@@ -5,6 +5,7 @@ Layout::
     <root>/<table>/run_id=<id>/part-*.parquet   committed partitions (what readers see)
     <root>/_staging/<id>/<table>/                a run's tables before commit
     <root>/runs/run_id=<id>/                     the run record, written last
+    <root>/_artifacts/<id>/                      files of a run that are not tables (refine's MLP head)
 
 Going through Hadoop's FileSystem (not ``os``) keeps the same code working on
 HDFS, S3A, ABFS and GCS as on a local disk.
@@ -19,6 +20,7 @@ from mfdist import schema as S
 from mfdist.errors import ConfigError
 
 STAGING = "_staging"
+ARTIFACTS = "_artifacts"
 
 
 def table_path(root: str, table: str) -> str:
@@ -32,6 +34,10 @@ def partition_path(root: str, table: str, run_id: str) -> str:
 def staging_path(root: str, run_id: str, table: str | None = None) -> str:
     base = f"{root.rstrip('/')}/{STAGING}/{run_id}"
     return f"{base}/{table}" if table else base
+
+
+def artifacts_path(root: str, run_id: str) -> str:
+    return f"{root.rstrip('/')}/{ARTIFACTS}/{run_id}"
 
 
 class FileSystem:
@@ -57,6 +63,10 @@ class FileSystem:
     def rename(self, src: str, dst: str) -> None:
         if not self._fs.rename(self._path(src), self._path(dst)):
             raise OSError(f"could not rename {src} to {dst}")
+
+    def copy_from_local(self, local: str, dst: str) -> None:
+        """Copy a driver-local file to ``dst`` (overwriting), whatever the scheme of ``dst``."""
+        self._fs.copyFromLocalFile(False, True, self._path(local), self._path(dst))
 
     def list_dirs(self, path: str) -> list[str]:
         """Names of the sub-directories of ``path`` (empty when it does not exist)."""

@@ -1,4 +1,4 @@
-"""The training job: ingest -> reindex -> split -> train -> evaluate -> publish.
+"""The training job: ingest -> reindex -> split -> train -> [refine] -> evaluate -> publish.
 
 ``run(spark, cfg)`` is what ``jobs/train.py`` and the end-to-end tests call.
 Each stage logs one line with its row counts and seconds and records its wall
@@ -128,7 +128,7 @@ def run(spark: SparkSession, cfg: Config) -> RunResult:
         epochs: list[tuple] = []
 
         def on_epoch(e: EpochRecord) -> None:
-            epochs.append(("train", e.epoch, e.loss, e.train_rmse, e.test_rmse, e.step_size, e.seconds))
+            epochs.append(_epoch_row("train", e))
             log.info(
                 "train epoch %d: loss=%s train_rmse=%s test_rmse=%s step=%s %.1f s (%.0f ratings/s)",
                 e.epoch, _fmt(e.loss), _fmt(e.train_rmse), _fmt(e.test_rmse), _fmt(e.step_size), e.seconds,
@@ -138,6 +138,18 @@ def run(spark: SparkSession, cfg: Config) -> RunResult:
         with metrics.timed("train") as info:
             model = make_trainer(cfg).fit(train, test=test, callback=on_epoch).model
             info.update(algorithm=cfg.train.algorithm, rank=model.rank, mu=round(model.mu, 4))
+
+        refined = None
+        if cfg.refine.enabled:
+            # Imported here so torch loads only when the stage runs.
+            from mfdist.refine import refine
+
+            with metrics.timed("refine") as info:
+                refined = refine(train, model, cfg, callback=lambda e: epochs.append(_epoch_row("refine", e)))
+                model = refined.model
+                for name, value in refined.metrics.items():
+                    metrics.add("refine", name, value)
+                info.update(device=refined.device, **{k: round(v, 4) for k, v in refined.metrics.items()})
 
         with metrics.timed("evaluate") as info:
             scores = rating_metrics(test, model, rating_range=lo_hi)
@@ -149,8 +161,8 @@ def run(spark: SparkSession, cfg: Config) -> RunResult:
         with metrics.timed("publish") as info:
             publisher.stage(S.USER_INDEX, user_index)
             publisher.stage(S.ITEM_INDEX, item_index)
-            publisher.stage(S.USER_FACTORS, factor_table(model.users, user_index, idx_col=S.USER_IDX))
-            publisher.stage(S.ITEM_FACTORS, factor_table(model.items, item_index, idx_col=S.ITEM_IDX))
+            publisher.stage(S.USER_FACTORS, factor_table(model.users, user_index, idx_col=S.USER_IDX, refined=refined.users if refined else None))
+            publisher.stage(S.ITEM_FACTORS, factor_table(model.items, item_index, idx_col=S.ITEM_IDX, refined=refined.items if refined else None))
             publisher.stage(S.REJECTED_RATINGS, rejected)
             publisher.stage(S.EPOCHS, epochs_frame(spark, epochs))
             info.update(root=cfg.output.root, run_id=cfg.run.run_id)
@@ -161,6 +173,11 @@ def run(spark: SparkSession, cfg: Config) -> RunResult:
         publisher.fail(record, exc)
         raise
     return RunResult(record=record, model=model, metrics=metrics.as_dict(), epochs=epochs)
+
+
+def _epoch_row(stage: str, e: EpochRecord) -> tuple:
+    """A row of the ``epochs`` table (without run_id)."""
+    return (stage, e.epoch, e.loss, e.train_rmse, e.test_rmse, e.step_size, e.seconds)
 
 
 def _fmt(value: float | None) -> str:

@@ -108,10 +108,19 @@ class Publisher:
         return failed
 
 
-def factor_table(model_side: DataFrame, index: DataFrame, *, idx_col: str) -> DataFrame:
-    """Published factors: original id, index, bias, factors (rows with trained factors only)."""
+def factor_table(model_side: DataFrame, index: DataFrame, *, idx_col: str, refined: DataFrame | None = None) -> DataFrame:
+    """Published factors: original id, index, bias, factors, refined (rows with trained factors only).
+
+    ``refined`` holds the ``idx_col`` values of the rows the refine stage replaced (broadcast-sized);
+    None when refine is off or rejected, so every row is ``refined = false``.
+    """
     id_col = index.columns[0] if index.columns[0] != idx_col else index.columns[1]
-    return index.join(model_side, idx_col, "inner").select(id_col, idx_col, S.BIAS, S.FACTORS)
+    table = index.join(model_side, idx_col, "inner")
+    flag = F.lit(False)
+    if refined is not None:
+        table = table.join(F.broadcast(refined.select(idx_col, F.lit(True).alias(S.REFINED))), idx_col, "left")
+        flag = F.coalesce(F.col(S.REFINED), F.lit(False))
+    return table.select(id_col, idx_col, S.BIAS, S.FACTORS, flag.alias(S.REFINED))
 
 
 def metrics_frame(spark: SparkSession, rows: list[tuple[str, str, float]]) -> DataFrame:

@@ -14,6 +14,8 @@ ITEM_IDX = "item_idx"
 # Model columns.
 BIAS = "bias"
 FACTORS = "factors"
+# Published factor rows: whether the refine stage replaced the row.
+REFINED = "refined"
 RUN_ID = "run_id"
 PREDICTION = "prediction"
 

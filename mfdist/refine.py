@@ -1,0 +1,466 @@
+"""Stage 5, refine: fine-tune a sampled block of the model with torch; merge it back where it generalizes.
+
+Inputs: the indexed training ratings (user_idx, item_idx, rating) and the trained
+:class:`~mfdist.train.Model`. Steps:
+
+1. Sample ``refine.sample.users`` users and ``refine.sample.items`` items among
+   those with factors: ``top_active`` takes the most ratings in train (where
+   most traffic is), ``random`` a uniform draw seeded by ``run.seed``.
+2. Count the block's training ratings in Spark and refuse a block over
+   ``refine.sample.max_ratings`` before anything is collected; then bring only
+   the block to the driver: its ratings and its users' and items' biases and
+   factors (all bounded by config).
+3. Split the block's ratings into fit and validation parts (seeded,
+   ``refine.validation_fraction``).
+4. Fit ``mu + b_u + b_i + p_u . q_i``, initialized from the trained factors,
+   with full-batch (or 65,536-rating mini-batch) Adam on
+   ``mean((r - r_hat)^2) + train.reg * mean(|p_u|^2 + |q_i|^2)
+   + train.bias_reg / n_fit * (sum b_u^2 + sum b_i^2)``: per rating, the sum
+   objective of Spark's ALS-WR (whose L2 on a factor grows with its rating
+   count) and of the bias fit in :mod:`mfdist.train.biases`, divided by the
+   number of fit ratings. ``mu`` stays fixed: it is shared with every user
+   outside the block. Early stopping on validation RMSE (``refine.patience``).
+5. Accept only when the best validation RMSE beats the unrefined factors';
+   then exactly the sampled users' and items' rows of ``model.users`` and
+   ``model.items`` are replaced by a broadcast join of the refined rows.
+
+``refine.head: mlp`` also trains :class:`ResidualMLP` on the block, on top of
+the frozen dot-product model that is published, to predict its residual; its
+validation RMSE is reported as ``mlp_rmse`` and its weights and config are saved
+under ``<output.root>/_artifacts/<run_id>/``. Published factors stay the
+dot-product model.
+
+Precision: the dot-product model is float32 everywhere (its parameters are the
+published float factors, and rank-sized gathers are memory-bound, so half
+precision would lose digits and gain nothing); on CUDA only the MLP head's
+matmuls run under bfloat16 autocast, its weights, loss and evaluation stay float32.
+
+This is the only module that imports torch, so executors never need it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+from tqdm import tqdm
+
+from mfdist import lake
+from mfdist import schema as S
+from mfdist.config import Config
+from mfdist.errors import ConfigError
+from mfdist.train import EpochCallback, EpochRecord, Model
+
+log = logging.getLogger(__name__)
+
+# Ratings per Adam step: a block up to this size is fitted full-batch.
+BATCH_SIZE = 1 << 16
+MLP_HIDDEN = (64, 32)
+MLP_DROPOUT = 0.1
+MLP_WEIGHT_DECAY = 1e-4
+MLP_WEIGHTS = "refine_mlp.pt"
+MLP_CONFIG = "refine_mlp.json"
+
+
+class RefineError(ConfigError):
+    """The block cannot be refined as configured (too many or too few ratings, no such device)."""
+
+
+@dataclass(frozen=True)
+class Side:
+    """One side of the block on the driver: indices (sorted), biases and factors."""
+
+    idx: np.ndarray
+    bias: np.ndarray
+    factors: np.ndarray
+
+
+@dataclass(frozen=True)
+class Block:
+    """The sampled block on the driver; ``rows``/``cols`` are positions into ``users``/``items``."""
+
+    users: Side
+    items: Side
+    rows: np.ndarray
+    cols: np.ndarray
+    ratings: np.ndarray
+
+
+@dataclass(frozen=True)
+class FitOutcome:
+    rmse_before: float
+    rmse_after: float
+    best_epoch: int
+    epochs: list[EpochRecord]
+
+
+@dataclass
+class RefineResult:
+    """The model to publish (merged or unchanged), the replaced row indices (None when not merged), metrics."""
+
+    model: Model
+    metrics: dict[str, float]
+    epochs: list[EpochRecord]
+    device: str
+    users: Optional[DataFrame]
+    items: Optional[DataFrame]
+
+
+def resolve_device(setting: str) -> torch.device:
+    """``refine.device``: auto is CUDA when torch sees a GPU, else CPU."""
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise RefineError("refine.device: cuda was asked for but torch.cuda.is_available() is false; use auto or cpu")
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(setting)
+
+
+def sample_ids(ratings: DataFrame, model_side: DataFrame, *, idx_col: str, n: int, strategy: str, seed: int) -> list[int]:
+    """The block's ``n`` indices on one side (users or items with factors): most rated first, or a seeded uniform draw."""
+    counts = ratings.groupBy(idx_col).agg(F.count(F.lit(1)).alias("_n")).join(model_side.select(idx_col), idx_col)
+    if strategy == "top_active":
+        order = [F.col("_n").desc(), F.col(idx_col)]
+    else:
+        # The column name salts the hash so users and items with equal indices are drawn independently.
+        order = [F.xxhash64(F.lit(seed), F.lit(idx_col), F.col(idx_col)), F.col(idx_col)]
+    return [row[0] for row in counts.orderBy(*order).limit(n).select(idx_col).collect()]
+
+
+def _ids_frame(spark: SparkSession, ids: list[int], idx_col: str) -> DataFrame:
+    return spark.createDataFrame([(i,) for i in ids], T.StructType([T.StructField(idx_col, T.IntegerType(), False)]))
+
+
+def _collect_side(model_side: DataFrame, ids: DataFrame, idx_col: str) -> Side:
+    """The sampled rows of a model side, sorted by index (bounded by refine.sample.*)."""
+    pdf = model_side.join(F.broadcast(ids), idx_col).select(idx_col, S.BIAS, S.FACTORS).toPandas().sort_values(idx_col)
+    return Side(
+        idx=pdf[idx_col].to_numpy(np.int64),
+        bias=pdf[S.BIAS].to_numpy(np.float32),
+        factors=np.stack(pdf[S.FACTORS].to_numpy()).astype(np.float32),
+    )
+
+
+def gather_block(train: DataFrame, model: Model, *, user_ids: list[int], item_ids: list[int], max_ratings: int) -> Block:
+    """Count the block's training ratings (refusing more than ``max_ratings``), then collect the block."""
+    spark = train.sparkSession
+    users, items = _ids_frame(spark, user_ids, S.USER_IDX), _ids_frame(spark, item_ids, S.ITEM_IDX)
+    ratings = (
+        train.join(F.broadcast(users), S.USER_IDX).join(F.broadcast(items), S.ITEM_IDX).select(S.USER_IDX, S.ITEM_IDX, S.RATING)
+    )
+    n = ratings.count()
+    if n > max_ratings:
+        raise RefineError(
+            f"refine.sample.max_ratings: the sampled block of {len(user_ids):,} users x {len(item_ids):,} items holds "
+            f"{n:,} training ratings, more than refine.sample.max_ratings={max_ratings:,}; lower refine.sample.users "
+            "or refine.sample.items, or raise refine.sample.max_ratings if the block fits the device memory"
+        )
+    user_side, item_side = _collect_side(model.users, users, S.USER_IDX), _collect_side(model.items, items, S.ITEM_IDX)
+    pdf = ratings.toPandas()
+    # Partition order is not deterministic; sorting makes the seeded fit/validation split reproducible.
+    pdf = pdf.sort_values([S.USER_IDX, S.ITEM_IDX], kind="stable")
+    return Block(
+        users=user_side,
+        items=item_side,
+        rows=np.searchsorted(user_side.idx, pdf[S.USER_IDX].to_numpy()),
+        cols=np.searchsorted(item_side.idx, pdf[S.ITEM_IDX].to_numpy()),
+        ratings=pdf[S.RATING].to_numpy(np.float32),
+    )
+
+
+def validation_mask(n: int, *, fraction: float, seed: int) -> np.ndarray:
+    """A seeded boolean mask of the validation ratings; both parts get at least one rating."""
+    if n < 2:
+        raise RefineError(
+            f"refine.sample: the sampled block holds {n} training ratings, too few to fit and validate; "
+            "raise refine.sample.users or refine.sample.items, or use refine.sample.strategy=top_active"
+        )
+    n_val = min(max(1, round(n * fraction)), n - 1)
+    mask = np.zeros(n, dtype=bool)
+    mask[np.random.default_rng(seed).permutation(n)[:n_val]] = True
+    return mask
+
+
+class DotModel(torch.nn.Module):
+    """``mu + b_u + b_i + p_u . q_i`` on the block; ``mu`` is a fixed buffer because it is shared with every user."""
+
+    def __init__(self, mu: float, block: Block, *, train_biases: bool):
+        super().__init__()
+        self.register_buffer("mu", torch.tensor(mu, dtype=torch.float32))
+        self.user_bias = torch.nn.Parameter(torch.from_numpy(block.users.bias.copy()), requires_grad=train_biases)
+        self.item_bias = torch.nn.Parameter(torch.from_numpy(block.items.bias.copy()), requires_grad=train_biases)
+        self.user_factors = torch.nn.Parameter(torch.from_numpy(block.users.factors.copy()))
+        self.item_factors = torch.nn.Parameter(torch.from_numpy(block.items.factors.copy()))
+
+    def forward(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        dot = (self.user_factors[rows] * self.item_factors[cols]).sum(-1)
+        return self.mu + self.user_bias[rows] + self.item_bias[cols] + dot
+
+    def objective(self, rows: torch.Tensor, cols: torch.Tensor, y: torch.Tensor, *, reg: float, bias_reg_per_rating: float) -> torch.Tensor:
+        """The per-rating regularized squared error (see the module docstring)."""
+        err = self(rows, cols) - y
+        p, q = self.user_factors[rows], self.item_factors[cols]
+        l2 = ((p * p).sum(-1) + (q * q).sum(-1)).mean()
+        bias_l2 = self.user_bias.pow(2).sum() + self.item_bias.pow(2).sum()
+        return (err * err).mean() + reg * l2 + bias_reg_per_rating * bias_l2
+
+
+class ResidualMLP(torch.nn.Module):
+    """An MLP over ``[p_u, q_i, p_u * q_i]`` (ReLU, dropout) predicting the dot-product model's residual."""
+
+    def __init__(self, rank: int, hidden: tuple[int, ...] = MLP_HIDDEN, dropout: float = MLP_DROPOUT):
+        super().__init__()
+        layers: list[torch.nn.Module] = []
+        width = 3 * rank
+        for h in hidden:
+            layers += [torch.nn.Linear(width, h), torch.nn.ReLU(), torch.nn.Dropout(dropout)]
+            width = h
+        out = torch.nn.Linear(width, 1)
+        # A zero output layer starts the head at the dot-product model; its first step already moves it.
+        torch.nn.init.zeros_(out.weight)
+        torch.nn.init.zeros_(out.bias)
+        self.net = torch.nn.Sequential(*layers, out)
+
+    def forward(self, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([p, q, p * q], dim=-1)).squeeze(-1)
+
+
+def _rmse(pred: torch.Tensor, y: torch.Tensor, rating_range: list[float]) -> float:
+    """RMSE of predictions clipped to the rating range, as :func:`mfdist.evaluate.predict` clips them."""
+    err = pred.clamp(rating_range[0], rating_range[1]) - y
+    return float(torch.sqrt((err * err).mean()))
+
+
+def _fit(
+    module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch_loss: Callable[[torch.Tensor], torch.Tensor],
+    evaluate: Callable[[], tuple[float, float]],
+    *,
+    n_fit: int,
+    epochs: int,
+    patience: int,
+    seed: int,
+    label: str,
+    callback: EpochCallback | None = None,
+) -> FitOutcome:
+    """Adam epochs over shuffled mini-batches of the fit part, early-stopped on validation RMSE; keeps the best state."""
+    module.eval()
+    rmse_before = best = evaluate()[1]
+    best_state, best_epoch, stale, records = copy.deepcopy(module.state_dict()), 0, 0, []
+    lr = optimizer.param_groups[0]["lr"]
+    shuffle = torch.Generator().manual_seed(seed)
+    device = next(module.parameters()).device
+    bar = tqdm(total=epochs, desc=label, disable=not sys.stderr.isatty(), leave=False)
+    for epoch in range(1, epochs + 1):
+        started = time.perf_counter()
+        module.train()
+        order = torch.randperm(n_fit, generator=shuffle).to(device)
+        total = torch.zeros((), device=device)
+        for start in range(0, n_fit, BATCH_SIZE):
+            batch = order[start : start + BATCH_SIZE]
+            optimizer.zero_grad(set_to_none=True)
+            loss = batch_loss(batch)
+            loss.backward()
+            optimizer.step()
+            total += loss.detach() * len(batch)
+        module.eval()
+        train_rmse, val_rmse = evaluate()
+        record = EpochRecord(epoch, float(total) / n_fit, train_rmse, val_rmse, lr, time.perf_counter() - started)
+        records.append(record)
+        if callback:
+            callback(record)
+        if bar.disable:
+            log.info("%s epoch %d: loss=%.4f fit_rmse=%.4f val_rmse=%.4f lr=%g %.3f s",
+                     label, epoch, record.loss, train_rmse, val_rmse, lr, record.seconds)
+        bar.update(1)
+        bar.set_postfix(val_rmse=f"{val_rmse:.4f}")
+        if val_rmse < best:
+            best, best_state, best_epoch, stale = val_rmse, copy.deepcopy(module.state_dict()), epoch, 0
+        else:
+            stale += 1
+            if stale >= patience:
+                break
+    bar.close()
+    module.load_state_dict(best_state)
+    module.eval()
+    return FitOutcome(rmse_before, best, best_epoch, records)
+
+
+@dataclass(frozen=True)
+class _Tensors:
+    """The block's ratings on the device, split into fit and validation parts."""
+
+    rows: torch.Tensor
+    cols: torch.Tensor
+    y: torch.Tensor
+    fit: torch.Tensor
+    val: torch.Tensor
+
+
+def _tensors(block: Block, mask: np.ndarray, device: torch.device) -> _Tensors:
+    def t(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a)).to(device)
+
+    return _Tensors(
+        rows=t(block.rows.astype(np.int64)),
+        cols=t(block.cols.astype(np.int64)),
+        y=t(block.ratings),
+        fit=t(np.flatnonzero(~mask)),
+        val=t(np.flatnonzero(mask)),
+    )
+
+
+def refine_dot(dot: DotModel, data: _Tensors, cfg: Config, *, callback: EpochCallback | None = None) -> FitOutcome:
+    """Fine-tune ``dot`` in place on the fit part; it ends holding the best validation state."""
+    t, r = cfg.train, cfg.refine
+    n_fit = len(data.fit)
+    bias_reg_per_rating = t.bias_reg / n_fit
+
+    def batch_loss(batch: torch.Tensor) -> torch.Tensor:
+        i = data.fit[batch]
+        return dot.objective(data.rows[i], data.cols[i], data.y[i], reg=t.reg, bias_reg_per_rating=bias_reg_per_rating)
+
+    def evaluate() -> tuple[float, float]:
+        with torch.no_grad():
+            pred = dot(data.rows, data.cols)
+        return tuple(_rmse(pred[part], data.y[part], cfg.input.rating_range) for part in (data.fit, data.val))
+
+    params = [p for p in dot.parameters() if p.requires_grad]
+    return _fit(
+        dot, torch.optim.Adam(params, lr=r.lr), batch_loss, evaluate,
+        n_fit=n_fit, epochs=r.epochs, patience=r.patience, seed=cfg.run.seed, label="refine", callback=callback,
+    )
+
+
+def fit_head(dot: DotModel, data: _Tensors, cfg: Config) -> tuple[ResidualMLP, FitOutcome]:
+    """Train a ResidualMLP on the block on top of the frozen ``dot``; returns it at its best validation state."""
+    r = cfg.refine
+    device = dot.mu.device
+    with torch.no_grad():
+        base = dot(data.rows, data.cols)
+        p, q = dot.user_factors[data.rows], dot.item_factors[data.cols]
+    torch.manual_seed(cfg.run.seed)
+    head = ResidualMLP(dot.user_factors.shape[1]).to(device)
+
+    def batch_loss(batch: torch.Tensor) -> torch.Tensor:
+        i = data.fit[batch]
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out = head(p[i], q[i])
+        err = base[i] + out.float() - data.y[i]
+        return (err * err).mean()
+
+    def evaluate() -> tuple[float, float]:
+        with torch.no_grad():
+            pred = base + head(p, q)
+        return tuple(_rmse(pred[part], data.y[part], cfg.input.rating_range) for part in (data.fit, data.val))
+
+    optimizer = torch.optim.AdamW(head.parameters(), lr=r.lr, weight_decay=MLP_WEIGHT_DECAY)
+    outcome = _fit(head, optimizer, batch_loss, evaluate, n_fit=len(data.fit), epochs=r.epochs,
+                   patience=r.patience, seed=cfg.run.seed, label="refine mlp")
+    return head, outcome
+
+
+def save_head(spark: SparkSession, head: ResidualMLP, outcome: FitOutcome, cfg: Config, *, dot_rmse: float) -> str:
+    """Write the head's state_dict and a JSON of its config to ``<output.root>/_artifacts/<run_id>/``."""
+    dest = lake.artifacts_path(cfg.output.root, cfg.run.run_id)
+    config = {
+        "model": "ResidualMLP",
+        "input": "concat(p_u, q_i, p_u * q_i)",
+        "predicts": "residual of mu + b_u + b_i + p_u . q_i (the published factors)",
+        "rank": head.net[0].in_features // 3,
+        "hidden": list(MLP_HIDDEN),
+        "activation": "relu",
+        "dropout": MLP_DROPOUT,
+        "optimizer": "AdamW",
+        "lr": cfg.refine.lr,
+        "weight_decay": MLP_WEIGHT_DECAY,
+        "best_epoch": outcome.best_epoch,
+        "validation_rmse": outcome.rmse_after,
+        "dot_validation_rmse": dot_rmse,
+        "run_id": cfg.run.run_id,
+    }
+    fs = lake.FileSystem(spark, dest)
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save({k: v.cpu() for k, v in head.state_dict().items()}, os.path.join(tmp, MLP_WEIGHTS))
+        with open(os.path.join(tmp, MLP_CONFIG), "w") as f:
+            json.dump(config, f, indent=2)
+        for name in (MLP_WEIGHTS, MLP_CONFIG):
+            fs.copy_from_local(os.path.join(tmp, name), f"{dest}/{name}")
+    return dest
+
+
+def _side_frame(spark: SparkSession, side: Side, bias: torch.Tensor, factors: torch.Tensor, schema: T.StructType) -> DataFrame:
+    """The refined rows of one side as a model frame (broadcast-sized: refine.sample.* rows)."""
+    b, f = bias.detach().cpu().numpy(), factors.detach().cpu().numpy()
+    return spark.createDataFrame([(int(i), float(b[k]), f[k].tolist()) for k, i in enumerate(side.idx)], schema)
+
+
+def merge_side(model_side: DataFrame, refined: DataFrame, *, idx_col: str) -> DataFrame:
+    """``model_side`` with exactly the rows of ``refined`` (same schema, broadcast-sized) replaced."""
+    new = refined.select(idx_col, F.col(S.BIAS).alias("_bias"), F.col(S.FACTORS).alias("_factors"))
+    joined = model_side.join(F.broadcast(new), idx_col, "left")
+    return joined.select(
+        idx_col,
+        F.coalesce("_bias", S.BIAS).alias(S.BIAS),
+        F.coalesce("_factors", S.FACTORS).alias(S.FACTORS),
+    )
+
+
+def refine(train: DataFrame, model: Model, cfg: Config, *, callback: EpochCallback | None = None) -> RefineResult:
+    """Sample, refine and (when validation RMSE improves) merge a block of ``model``; see the module docstring."""
+    r, seed = cfg.refine, cfg.run.seed
+    spark = train.sparkSession
+    device = resolve_device(r.device)
+    log.info("refine: device=%s%s", device, f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+    user_ids = sample_ids(train, model.users, idx_col=S.USER_IDX, n=r.sample.users, strategy=r.sample.strategy, seed=seed)
+    item_ids = sample_ids(train, model.items, idx_col=S.ITEM_IDX, n=r.sample.items, strategy=r.sample.strategy, seed=seed)
+    block = gather_block(train, model, user_ids=user_ids, item_ids=item_ids, max_ratings=r.sample.max_ratings)
+    data = _tensors(block, validation_mask(len(block.ratings), fraction=r.validation_fraction, seed=seed), device)
+    log.info("refine: block of %d users x %d items, %d ratings (%d fit, %d validation), strategy=%s",
+             len(block.users.idx), len(block.items.idx), len(block.ratings), len(data.fit), len(data.val), r.sample.strategy)
+
+    dot = DotModel(model.mu, block, train_biases=cfg.train.biases).to(device)
+    outcome = refine_dot(dot, data, cfg, callback=callback)
+    accepted = outcome.rmse_after < outcome.rmse_before
+    log.info("refine: validation rmse %.4f -> %.4f (best epoch %d of %d): %s", outcome.rmse_before, outcome.rmse_after,
+             outcome.best_epoch, len(outcome.epochs), "merged" if accepted else "not merged, the factors are kept")
+    metrics = {
+        "rmse_before": outcome.rmse_before,
+        "rmse_after": outcome.rmse_after,
+        "users": len(block.users.idx),
+        "items": len(block.items.idx),
+        "ratings": len(block.ratings),
+        "device_cuda": float(device.type == "cuda"),
+        "accepted": float(accepted),
+    }
+    result = RefineResult(model, metrics, outcome.epochs, str(device), None, None)
+    if accepted:
+        users = _side_frame(spark, block.users, dot.user_bias, dot.user_factors, S.MODEL_SCHEMA_USERS)
+        items = _side_frame(spark, block.items, dot.item_bias, dot.item_factors, S.MODEL_SCHEMA_ITEMS)
+        merged = Model(
+            mu=model.mu,
+            users=merge_side(model.users, users, idx_col=S.USER_IDX),
+            items=merge_side(model.items, items, idx_col=S.ITEM_IDX),
+            rank=model.rank,
+        )
+        result = RefineResult(merged, metrics, outcome.epochs, str(device), users.select(S.USER_IDX), items.select(S.ITEM_IDX))
+    if r.head == "mlp":
+        # `dot` holds its best validation state, which is the trained one when not accepted: the published model.
+        head, head_outcome = fit_head(dot, data, cfg)
+        metrics["mlp_rmse"] = head_outcome.rmse_after
+        where = save_head(spark, head, head_outcome, cfg, dot_rmse=outcome.rmse_after)
+        log.info("refine: mlp head validation rmse %.4f (dot product %.4f); weights in %s",
+                 head_outcome.rmse_after, outcome.rmse_after, where)
+    return result

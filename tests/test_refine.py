@@ -1,0 +1,189 @@
+"""The refine stage on planted data: it improves under-trained factors, merges exactly the block, refuses bad blocks."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from chispa import assert_df_equality
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from mfdist import lake
+from mfdist import schema as S
+from mfdist.config import Config, load_config
+from mfdist.errors import ConfigError
+from mfdist.pipeline import run
+from mfdist.publish import factor_table
+from mfdist.refine import MLP_CONFIG, MLP_WEIGHTS, RefineError, ResidualMLP, refine, sample_ids, validation_mask
+from mfdist.train import Model
+
+USERS, ITEMS, RANK, MU = 60, 40, 4, 3.0
+RATINGS_SCHEMA = T.StructType(
+    [
+        T.StructField(S.USER_IDX, T.IntegerType(), False),
+        T.StructField(S.ITEM_IDX, T.IntegerType(), False),
+        T.StructField(S.RATING, T.DoubleType(), False),
+    ]
+)
+
+
+def planted(spark: SparkSession, *, factor_noise: float, rating_noise: float) -> tuple[DataFrame, Model]:
+    """Ratings from a planted rank-4 model (80% dense, user activity varying) and a model perturbed by ``factor_noise``."""
+    rng = np.random.default_rng(0)
+    p, q = rng.normal(0, 0.5, (USERS, RANK)), rng.normal(0, 0.5, (ITEMS, RANK))
+    bu, bi = rng.normal(0, 0.2, USERS), rng.normal(0, 0.2, ITEMS)
+    # Users rate a share of items falling from 95% to 50%, so top_active has a clear order.
+    seen = rng.random((USERS, ITEMS)) < np.linspace(0.95, 0.5, USERS)[:, None]
+    users, items = np.nonzero(seen)
+    r = MU + bu[users] + bi[items] + (p[users] * q[items]).sum(1) + rng.normal(0, rating_noise, len(users))
+    ratings = spark.createDataFrame(
+        [(int(u), int(i), float(x)) for u, i, x in zip(users, items, np.clip(r, 1.0, 5.0))], RATINGS_SCHEMA
+    ).cache()
+
+    def side(bias: np.ndarray, factors: np.ndarray, schema: T.StructType) -> DataFrame:
+        b = bias + rng.normal(0, factor_noise, bias.shape)
+        f = factors + rng.normal(0, factor_noise, factors.shape)
+        rows = [(k, float(b[k]), [float(x) for x in f[k]]) for k in range(len(b))]
+        return spark.createDataFrame(rows, schema).cache()
+
+    model = Model(MU, side(bu, p, S.MODEL_SCHEMA_USERS), side(bi, q, S.MODEL_SCHEMA_ITEMS), RANK)
+    return ratings, model
+
+
+def config(tmp_path, *overrides: str) -> Config:
+    base = [
+        f"output.root={tmp_path}/lake", "refine.enabled=true", "refine.device=cpu",
+        "refine.sample.users=20", "refine.sample.items=20", "refine.epochs=150", "refine.lr=0.02",
+        "refine.patience=10", "train.reg=0.01", "train.bias_reg=1.0",
+    ]
+    return load_config(None, base + list(overrides))
+
+
+def ids(frame: DataFrame, col: str) -> set[int]:
+    return {row[0] for row in frame.select(col).collect()}
+
+
+def test_refinement_of_undertrained_factors_improves_and_replaces_exactly_the_block(spark, tmp_path):
+    ratings, model = planted(spark, factor_noise=0.3, rating_noise=0.05)
+    result = refine(ratings, model, config(tmp_path))
+
+    m = result.metrics
+    assert m["accepted"] == 1.0
+    assert m["rmse_after"] < 0.7 * m["rmse_before"]
+    assert (m["users"], m["items"], m["device_cuda"]) == (20, 20, 0.0)
+    assert m["ratings"] == ratings.where(F.col(S.USER_IDX).isin(list(ids(result.users, S.USER_IDX)))
+                                         & F.col(S.ITEM_IDX).isin(list(ids(result.items, S.ITEM_IDX)))).count()
+    assert [e.epoch for e in result.epochs] == list(range(1, len(result.epochs) + 1))
+    assert all(e.step_size == 0.02 and e.test_rmse is not None for e in result.epochs)
+
+    for before, after, idx in ((model.users, result.model.users, S.USER_IDX), (model.items, result.model.items, S.ITEM_IDX)):
+        block = list(ids(result.users if idx == S.USER_IDX else result.items, idx))
+        outside = ~F.col(idx).isin(block)
+        assert_df_equality(before.where(outside), after.where(outside), ignore_row_order=True, ignore_nullable=True)
+        changed = before.alias("b").join(after.alias("a"), idx).where(
+            (F.col("b.bias") != F.col("a.bias")) | (F.col("b.factors") != F.col("a.factors"))
+        )
+        assert ids(changed, idx) == set(block)
+        assert after.count() == before.count()
+
+    index = spark.range(USERS).select((F.col("id") + 1000).alias(S.USER_ID), F.col("id").cast("int").alias(S.USER_IDX))
+    published = factor_table(result.model.users, index, idx_col=S.USER_IDX, refined=result.users)
+    assert ids(published.where(S.REFINED), S.USER_IDX) == ids(result.users, S.USER_IDX)
+    assert published.where(~F.col(S.REFINED)).count() == USERS - 20
+
+
+def test_refinement_that_does_not_improve_is_not_merged(spark, tmp_path):
+    # Exact factors on noiseless ratings: any step away from them raises the validation RMSE.
+    ratings, model = planted(spark, factor_noise=0.0, rating_noise=0.0)
+    result = refine(ratings, model, config(tmp_path, "refine.epochs=5", "refine.patience=2"))
+
+    assert result.metrics["accepted"] == 0.0
+    assert result.metrics["rmse_after"] == result.metrics["rmse_before"] < 1e-5
+    assert all(e.test_rmse > result.metrics["rmse_before"] for e in result.epochs)
+    assert result.model is model and result.users is None and result.items is None
+    index = spark.range(ITEMS).select(F.col("id").alias(S.ITEM_ID), F.col("id").cast("int").alias(S.ITEM_IDX))
+    assert factor_table(result.model.items, index, idx_col=S.ITEM_IDX, refined=result.items).where(S.REFINED).count() == 0
+
+
+def test_oversized_block_is_refused_with_a_message_naming_the_key(spark, tmp_path):
+    ratings, model = planted(spark, factor_noise=0.3, rating_noise=0.05)
+    with pytest.raises(RefineError, match=r"holds [\d,]+ training ratings, more than refine\.sample\.max_ratings=100") as err:
+        refine(ratings, model, config(tmp_path, "refine.sample.max_ratings=100"))
+    assert isinstance(err.value, ConfigError)  # so the job exits 2
+
+
+def test_mlp_head_reports_its_rmse_and_saves_weights_and_config(spark, tmp_path):
+    ratings, model = planted(spark, factor_noise=0.3, rating_noise=0.05)
+    cfg = config(tmp_path, "refine.head=mlp", "refine.epochs=60", "run.run_id=r1")
+    result = refine(ratings, model, cfg)
+
+    # The head starts at the dot-product model (zero output layer) and keeps its best validation state.
+    assert result.metrics["mlp_rmse"] <= result.metrics["rmse_after"]
+    where = lake.artifacts_path(cfg.output.root, "r1")
+    meta = json.loads(open(f"{where}/{MLP_CONFIG}").read())
+    assert meta["rank"] == RANK and meta["validation_rmse"] == result.metrics["mlp_rmse"]
+    ResidualMLP(RANK).load_state_dict(torch.load(f"{where}/{MLP_WEIGHTS}"))  # strict: same layers and shapes
+
+
+def test_sample_ids_takes_the_most_active_or_a_seeded_uniform_draw(spark):
+    ratings, model = planted(spark, factor_noise=0.0, rating_noise=0.0)
+    counts = {r[0]: r[1] for r in ratings.groupBy(S.USER_IDX).count().collect()}
+    top = sample_ids(ratings, model.users, idx_col=S.USER_IDX, n=10, strategy="top_active", seed=1)
+    assert top == sorted(counts, key=lambda u: (-counts[u], u))[:10]
+
+    draw = sample_ids(ratings, model.users.where(F.col(S.USER_IDX) < 50), idx_col=S.USER_IDX, n=10, strategy="random", seed=1)
+    assert draw == sample_ids(ratings, model.users.where(F.col(S.USER_IDX) < 50), idx_col=S.USER_IDX, n=10, strategy="random", seed=1)
+    assert len(set(draw)) == 10 and max(draw) < 50 and draw != top
+    assert draw != sample_ids(ratings, model.users.where(F.col(S.USER_IDX) < 50), idx_col=S.USER_IDX, n=10, strategy="random", seed=2)
+
+
+def test_validation_mask_is_seeded_and_leaves_both_parts_non_empty():
+    mask = validation_mask(100, fraction=0.2, seed=3)
+    assert mask.sum() == 20 and (mask == validation_mask(100, fraction=0.2, seed=3)).all()
+    assert validation_mask(2, fraction=0.9, seed=3).sum() == 1
+    with pytest.raises(RefineError, match="too few to fit and validate"):
+        validation_mask(1, fraction=0.2, seed=3)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_a_gpu_is_a_config_error(spark, tmp_path):
+    ratings, model = planted(spark, factor_noise=0.3, rating_noise=0.05)
+    with pytest.raises(RefineError, match="refine.device: cuda"):
+        refine(ratings, model, config(tmp_path, "refine.device=cuda"))
+
+
+def test_refine_is_refused_for_implicit_feedback():
+    with pytest.raises(ConfigError, match="refine.enabled"):
+        load_config(None, ["refine.enabled=true", "input.implicit=true"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_refinement_on_cuda_improves_and_says_so(spark, tmp_path):
+    ratings, model = planted(spark, factor_noise=0.3, rating_noise=0.05)
+    result = refine(ratings, model, config(tmp_path, "refine.device=auto", "refine.head=mlp"))
+    assert result.device.startswith("cuda") and result.metrics["device_cuda"] == 1.0
+    assert result.metrics["accepted"] == 1.0 and result.metrics["rmse_after"] < 0.7 * result.metrics["rmse_before"]
+    assert result.metrics["mlp_rmse"] <= result.metrics["rmse_after"]
+
+
+def test_pipeline_records_refine_metrics_and_epochs_and_publishes_the_refined_flag(spark, tmp_path):
+    cfg = load_config(None, [
+        "input.synthetic.users=300", "input.synthetic.items=80", "input.synthetic.ratings=8000",
+        "train.rank=4", "train.epochs=1", "refine.enabled=true", "refine.sample.users=60", "refine.sample.items=40",
+        "refine.epochs=40", "refine.lr=0.01", f"output.root={tmp_path}/lake", f"run.checkpoint_dir={tmp_path}/ck",
+        "run.run_id=e2e", "output.top_n=0", "output.similar_items=0",
+    ])
+    result = run(spark, cfg)
+
+    refine_metrics = {m: v for (stage, m), v in result.metrics.items() if stage == "refine"}
+    assert {"rmse_before", "rmse_after", "users", "items", "ratings", "seconds", "device_cuda", "accepted"} <= set(refine_metrics)
+    assert any(row[0] == "refine" for row in result.epochs)
+    users = lake.read_partition(spark, cfg.output.root, S.USER_FACTORS, "e2e")
+    assert users.where(S.REFINED).count() == (refine_metrics["users"] if refine_metrics["accepted"] else 0)
+    stored = lake.read_partition(spark, cfg.output.root, S.METRICS, "e2e").where(F.col("stage") == "refine")
+    assert stored.count() == len(refine_metrics)
