@@ -77,7 +77,8 @@ class TrainConfig:
     epochs: int = 10
     reg: float = 0.1
     biases: bool = True
-    bias_reg: float = 10.0
+    bias_reg: float = 1.0
+    bias_rounds: int = 3
     implicit_alpha: float = 1.0
     nonnegative: bool = False
     step_size: float = 0.01
@@ -284,6 +285,7 @@ def validate(cfg: Config) -> None:
     _require(t.epochs >= 1, "train.epochs", f"must be >= 1, got {t.epochs}")
     _require(t.reg >= 0, "train.reg", f"must be >= 0, got {t.reg}")
     _require(t.bias_reg >= 0, "train.bias_reg", f"must be >= 0, got {t.bias_reg}")
+    _require(t.bias_rounds >= 1, "train.bias_rounds", f"must be >= 1, got {t.bias_rounds}")
     _require(t.implicit_alpha >= 0, "train.implicit_alpha", f"must be >= 0, got {t.implicit_alpha}")
     _require(t.step_size > 0, "train.step_size", f"must be > 0, got {t.step_size}")
     _require(t.blocks is None or t.blocks >= 1, "train.blocks", f"must be >= 1, got {t.blocks}")

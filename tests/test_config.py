@@ -1,0 +1,94 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mfdist.config import Config, load_config, parse_overrides
+from mfdist.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "conf").glob("**/*.yaml")), ids=lambda p: p.name)
+def test_every_conf_file_loads(path):
+    if path.parent.name in {"databricks", "emr"}:
+        pytest.skip("scheduler definitions, not job configs")
+    assert isinstance(load_config(path), Config)
+
+
+def test_overrides_are_typed():
+    cfg = load_config(REPO / "conf/local.yaml", ["train.rank=32", "input.rating_range=[0, 10]", "split.test_path=x.csv"])
+    assert cfg.train.rank == 32
+    assert cfg.input.rating_range == [0.0, 10.0]
+    assert cfg.split.test_path == "x.csv"
+
+
+def test_spark_conf_keys_keep_their_dots():
+    cfg = load_config(None, ["spark.conf.spark.sql.shuffle.partitions=4", "spark.conf.spark.ui.enabled=false"])
+    assert cfg.spark.conf == {"spark.sql.shuffle.partitions": "4", "spark.ui.enabled": "false"}
+
+
+def test_run_id_defaults_to_timestamp():
+    assert load_config(None).run.run_id.endswith("Z")
+
+
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ("train.rnak=3", "train.rnak"),
+        ("train.rank=ten", "train.rank"),
+        ("train.rank=0", "train.rank"),
+        ("split.method=sideways", "split.method"),
+        ("train.biases=maybe", "train.biases"),
+        ("split.test_fraction=1.5", "split.test_fraction"),
+        ("input.rating_range=[5, 1]", "input.rating_range"),
+        ("evaluate.metrics=[rmse, auc]", "evaluate.metrics"),
+        ("bogus=1", "bogus"),
+    ],
+)
+def test_bad_keys_and_values_name_the_key(override, named):
+    with pytest.raises(ConfigError, match=named.replace("[", r"\[")):
+        load_config(REPO / "conf/local.yaml", [override])
+
+
+def test_unknown_key_in_yaml_file(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  rank: 4\n  epocs: 3\n")
+    with pytest.raises(ConfigError, match="train.epocs"):
+        load_config(f)
+
+
+def test_override_without_equals():
+    with pytest.raises(ConfigError, match="key.path=value"):
+        parse_overrides(["train.rank"])
+
+
+def _job(*args):
+    return subprocess.run(
+        [sys.executable, str(REPO / "jobs/train.py"), *args], capture_output=True, text=True, timeout=120, cwd=REPO
+    )
+
+
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        (["--conf", "conf/local.yaml", "--set", "train.rnak=3"], "train.rnak"),
+        (["--conf", "conf/local.yaml", "--set", "train.rank=abc"], "train.rank"),
+        (["--config", "conf/nope.yaml"], "conf/nope.yaml"),
+    ],
+)
+def test_job_exits_2_naming_the_problem(args, named):
+    proc = _job(*args)
+    assert proc.returncode == 2, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and named in last
+
+
+def test_job_exits_2_for_missing_input_path(tmp_path):
+    proc = _job(
+        "--conf", "conf/local.yaml", "--set", "input.format=csv", f"input.path={tmp_path}/missing.csv",
+        f"output.root={tmp_path}/lake", f"run.checkpoint_dir={tmp_path}/ck", "spark.master=local[1]",
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "missing.csv" in proc.stderr.strip().splitlines()[-1]
