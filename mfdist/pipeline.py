@@ -1,8 +1,10 @@
-"""The training job: ingest -> reindex -> split -> train -> [refine] -> evaluate -> publish.
+"""The training job: ingest -> reindex -> split -> train -> [refine] -> evaluate -> recommend -> publish.
 
 ``run(spark, cfg)`` is what ``jobs/train.py`` and the end-to-end tests call.
 Each stage logs one line with its row counts and seconds and records its wall
-time as the ``seconds`` metric under its own name.
+time as the ``seconds`` metric under its own name. The ranking metrics need
+the top-K lists, so the recommend stage computes them from its lists (built
+once for K = max(output.top_n, evaluate.k)) and records them under ``evaluate``.
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ from pyspark.sql import functions as F
 from mfdist import lake
 from mfdist import schema as S
 from mfdist.config import Config
-from mfdist.evaluate import rating_metrics
+from mfdist.evaluate import LIST_METRICS, RANKING_METRICS, ranking_report, rating_metrics, relevance_threshold
 from mfdist.ingest import IngestResult, ingest
 from mfdist.publish import Publisher, RunRecord, epochs_frame, factor_table, metrics_frame
+from mfdist.recommend import recommend
 from mfdist.reindex import apply_index, build_index, check_capacity
 from mfdist.split import split
 from mfdist.train import EpochRecord, Model, make_trainer
@@ -138,6 +141,8 @@ def run(spark: SparkSession, cfg: Config) -> RunResult:
         with metrics.timed("train") as info:
             model = make_trainer(cfg).fit(train, test=test, callback=on_epoch).model
             info.update(algorithm=cfg.train.algorithm, rank=model.rank, mu=round(model.mu, 4))
+        # jobs/recommend.py rescores a published run with it.
+        metrics.add("train", "mu", model.mu)
 
         refined = None
         if cfg.refine.enabled:
@@ -157,6 +162,23 @@ def run(spark: SparkSession, cfg: Config) -> RunResult:
                 metrics.add("evaluate", name, scores[name])
             info.update(rmse=round(scores["rmse"], 4), mae=round(scores["mae"], 4))
         print(f"test RMSE {scores['rmse']:.4f}  MAE {scores['mae']:.4f}  ({int(scores['test_rows'])} test ratings)")
+
+        with metrics.timed("recommend") as info:
+            ev, out = cfg.evaluate, cfg.output
+            k_eval = ev.k if set(ev.metrics) & set(RANKING_METRICS + LIST_METRICS) else 0
+            recs = recommend(spark, model, train, user_index, item_index, output=out, k=max(out.top_n, k_eval))
+            publisher.stage(S.RECOMMENDATIONS, recs.recommendations)
+            publisher.stage(S.SIMILAR_ITEMS, recs.similar_items)
+            info.update(users_listed=recs.listed_users, top_n=out.top_n, similar_items=out.similar_items)
+            if k_eval:
+                threshold = relevance_threshold(ev.relevance_threshold, rating_range=lo_hi, implicit=cfg.input.implicit)
+                ranking = ranking_report(
+                    recs.lists, test, k=k_eval, names=ev.metrics, threshold=threshold,
+                    n_items=recs.items, n_users=recs.eligible_users,
+                )
+                for name, value in ranking.items():
+                    metrics.add("evaluate", name, value)
+                info.update({name: round(value, 4) for name, value in ranking.items()})
 
         with metrics.timed("publish") as info:
             publisher.stage(S.USER_INDEX, user_index)

@@ -107,6 +107,13 @@ class Publisher:
         self._write_run_record(failed)
         return failed
 
+    def replace_staged(self) -> None:
+        """Swap the staged tables in as this (already published) run's partitions; its run record is kept."""
+        for table in self.staged:
+            self._move(lake.staging_path(self.root, self.run_id, table), lake.partition_path(self.root, table, self.run_id))
+        self.fs.delete(lake.staging_path(self.root, self.run_id))
+        log.info("publish: replaced %s of run %s under %s", ", ".join(self.staged), self.run_id, self.root)
+
 
 def factor_table(model_side: DataFrame, index: DataFrame, *, idx_col: str, refined: DataFrame | None = None) -> DataFrame:
     """Published factors: original id, index, bias, factors, refined (rows with trained factors only).

@@ -1,0 +1,486 @@
+"""Stage 6b, recommend: per-user top-N and per-item similar items, by one blocked top-K.
+
+Order in the job: evaluate (rmse, mae) -> **recommend** -> publish. The stage
+computes every user's list once, with ``K = max(output.top_n, evaluate.k)``;
+the ranking metrics (:func:`mfdist.evaluate.ranking_report`) are computed from
+those lists and recorded under stage ``evaluate``, and ``recommendations``
+keeps the ranks <= ``output.top_n``. ``jobs/recommend.py`` reruns this stage
+from a published run's factors (:func:`republish`).
+
+Inputs: a :class:`~mfdist.train.Model`, the training ratings (user_idx,
+item_idx: the seen items) and ``user_index`` / ``item_index``. Outputs, with
+original ids:
+
+- ``recommendations``: user_id, rank int (1 = best), item_id, score float.
+  Score ``mu + b_u + b_i + p_u . q_i``; a user's training items are excluded;
+  equal scores rank by item index. Users without training ratings get no list,
+  or with ``output.cold_start_popular`` the items with the most training
+  ratings (score = that count).
+- ``similar_items``: item_id, rank int, similar_item_id, similarity float:
+  cosine over item factors (normalized once; a zero vector has similarity 0
+  with every item), the item itself excluded.
+
+The blocked top-K, used for both (queries ``_q, _vec, _exclude`` against
+candidates ``_c, _vec``):
+
+- the user score is one dot product of augmented vectors
+  ``[p_u, b_u, 1] . [q_i, 1, b_i + mu]``, so biases cost no extra pass;
+- queries are cut into blocks of ``Blocks.queries`` rows and candidates,
+  sorted by id, into blocks of ``Blocks.candidates``; each pair of blocks is one float32
+  BLAS product (numpy) into a reused buffer, so a task holds one score block;
+- excluded pairs are set to -inf from the exclusion lists that travel with
+  each query row (the user's training items; the item itself);
+- a running top-K per query row is merged across candidate blocks: a lower
+  bound on the row's final K-th best score (the running K-th best, or the
+  K-th best of a leading sample of the block found by ``np.partition``)
+  admits only the few scores that can still enter, and only those are sorted
+  with the running list (by score desc, id asc). No row is fully sorted and
+  no Python code runs per row;
+- **broadcast**: when the candidate vectors fit ``output.broadcast_max_mb``
+  they are broadcast, and each Arrow batch of queries (``mapInArrow``) runs
+  against every candidate block;
+- **block join** otherwise: every query block meets every candidate block in a
+  cogroup keyed by (query block, candidate block) (``applyInArrow``), and the
+  partial top-Ks are merged by a window ordered by (score desc, id asc).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import pyarrow as pa
+from pyspark.sql import DataFrame, SparkSession, Window
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from mfdist import lake
+from mfdist import schema as S
+from mfdist.config import Config, OutputConfig
+from mfdist.errors import ConfigError, InputError
+from mfdist.ingest import ingest
+from mfdist.publish import Publisher
+from mfdist.reindex import apply_index
+from mfdist.split import split
+from mfdist.train import Model
+
+log = logging.getLogger(__name__)
+
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """Rows per query block and per candidate block: a task holds queries x candidates float32 scores.
+
+    The default score block (16 MiB) stays near the CPU caches between the product and the comparison.
+    """
+
+    queries: int = 1024
+    candidates: int = 4096
+
+# Columns of the leading sample whose K-th best bounds a row before it has K entries.
+SAMPLE = 2048
+
+NO_ID = np.iinfo(np.int32).max
+# The lowest finite score: bounds never fall below it, so excluded (-inf) pairs are never admitted.
+FLOOR = np.finfo(np.float32).min
+
+# Columns of the generic top-K frames.
+Q, C, VEC, EXCLUDE, RANK, SCORE = "_q", "_c", "_vec", "_exclude", "rank", "score"
+QB, CB = "_qb", "_cb"
+LIST_SCHEMA = T.StructType(
+    [
+        T.StructField(Q, T.IntegerType(), False),
+        T.StructField(RANK, T.IntegerType(), False),
+        T.StructField(C, T.IntegerType(), False),
+        T.StructField(SCORE, T.FloatType(), False),
+    ]
+)
+ARROW_LIST_SCHEMA = pa.schema(
+    [(Q, pa.int32(), False), (RANK, pa.int32(), False), (C, pa.int32(), False), (SCORE, pa.float32(), False)]
+)
+SIMILAR_IDX = "similar_item_idx"
+SIMILAR_ID, SIMILARITY = S.SIMILAR_ITEMS_COLUMNS[2], S.SIMILAR_ITEMS_COLUMNS[3]
+POPULARITY = "_n"
+
+
+# ---------------------------------------------------------------- the numpy kernel
+
+
+def _desc_key(rows: np.ndarray, vals: np.ndarray) -> np.ndarray:
+    """uint64 keys ordering (row asc, value desc): the float bits made monotonic, under the row."""
+    bits = (vals + np.float32(0.0)).view(np.uint32)  # + 0.0 turns -0.0 into 0.0, so the two tie
+    ascending = np.where(bits >> np.uint32(31), ~bits, bits | np.uint32(0x80000000))
+    return (rows.astype(np.uint64) << np.uint64(32)) | (~ascending).astype(np.uint64)
+
+
+def _lower_bounds(scores: np.ndarray, kth: np.ndarray, k: int) -> np.ndarray:
+    """Per row, a score no greater than its final K-th best (K-th best of a subset <= K-th best of all)."""
+    bound = np.maximum(kth, FLOOR)
+    width = min(scores.shape[1], max(SAMPLE, 32 * k))
+    open_rows = np.flatnonzero(kth == -np.inf)
+    if width >= k and open_rows.size:
+        sample = scores[:, :width] if open_rows.size == len(kth) else scores[open_rows, :width]
+        sample_kth = np.partition(sample, width - k, axis=1)[:, width - k]
+        bound[open_rows] = np.maximum(bound[open_rows], sample_kth)
+    return bound
+
+
+def _merge(
+    vals: np.ndarray, ids: np.ndarray, rows: np.ndarray, cand_vals: np.ndarray, cand_ids: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Merge candidates (rows, values, ids) into the running (b, k) lists, touching only rows with candidates."""
+    k = vals.shape[1]
+    touched = np.flatnonzero(np.bincount(rows, minlength=len(vals)))
+    local = np.searchsorted(touched, rows)
+    all_rows = np.concatenate([np.repeat(np.arange(len(touched)), k), local])
+    all_vals = np.concatenate([vals[touched].ravel(), cand_vals])
+    all_ids = np.concatenate([ids[touched].ravel(), cand_ids])
+    order = np.lexsort((all_ids, _desc_key(all_rows, all_vals)))
+    # Every touched row holds at least its k running entries, so its first k sorted entries exist.
+    counts = np.bincount(all_rows, minlength=len(touched))
+    keep = order[((np.cumsum(counts) - counts)[:, None] + np.arange(k)).ravel()]
+    vals, ids = vals.copy(), ids.copy()
+    vals[touched] = all_vals[keep].reshape(-1, k)
+    ids[touched] = all_ids[keep].reshape(-1, k)
+    return vals, ids
+
+
+def _exclude(scores: np.ndarray, cand_ids: np.ndarray, ex_rows: np.ndarray, ex_ids: np.ndarray) -> None:
+    """Set the scores of the excluded (row, id) pairs in this block to -inf; ``cand_ids`` sorted."""
+    if not ex_ids.size or not cand_ids.size:
+        return
+    pos = np.minimum(np.searchsorted(cand_ids, ex_ids), len(cand_ids) - 1)
+    hit = cand_ids[pos] == ex_ids
+    scores[ex_rows[hit], pos[hit]] = -np.inf
+
+
+def top_k(
+    queries: np.ndarray,
+    ex_rows: np.ndarray,
+    ex_ids: np.ndarray,
+    blocks: Iterable[tuple[np.ndarray, np.ndarray]],
+    k: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Best ``k`` (score desc, id asc) of each query row over candidate blocks (sorted ids, vectors).
+
+    ``ex_rows``/``ex_ids`` list the excluded (query row, candidate id) pairs.
+    Returns (b, k) scores and ids; a row with fewer than k candidates is padded
+    with -inf and ``NO_ID``.
+    """
+    b = len(queries)
+    vals = np.full((b, k), -np.inf, np.float32)
+    ids = np.full((b, k), NO_ID, np.int32)
+    buffer = mask = None
+    for cand_ids, cand_vecs in blocks:
+        m = len(cand_ids)
+        if not m:
+            continue
+        if buffer is None or buffer.size < b * m:
+            buffer, mask = np.empty(b * m, np.float32), np.empty(b * m, np.bool_)
+        scores, admitted = buffer[: b * m].reshape(b, m), mask[: b * m].reshape(b, m)
+        np.matmul(queries, cand_vecs.T, out=scores)
+        _exclude(scores, cand_ids, ex_rows, ex_ids)
+        np.greater_equal(scores, _lower_bounds(scores, vals[:, -1], k)[:, None], out=admitted)
+        flat = np.flatnonzero(admitted)
+        if flat.size:
+            rows, cols = np.divmod(flat, m)
+            vals, ids = _merge(vals, ids, rows, scores.ravel()[flat], cand_ids[cols])
+    return vals, ids
+
+
+# ---------------------------------------------------------------- Arrow glue (runs in the Python workers)
+
+
+def _ints(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    return np.asarray(column.to_numpy(zero_copy_only=False), dtype=np.int32)
+
+
+def _matrix(column: pa.ChunkedArray) -> np.ndarray:
+    """A list<float> column of equal-length vectors as a (rows, dim) float32 array."""
+    lists = column.combine_chunks()
+    flat = np.asarray(lists.flatten().to_numpy(zero_copy_only=False), dtype=np.float32)
+    return flat.reshape(len(lists), -1) if len(lists) else flat.reshape(0, 0)
+
+
+def _sorted_candidates(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    ids, vecs = _ints(table.column(C)), _matrix(table.column(VEC))
+    order = np.argsort(ids, kind="stable")
+    return ids[order], np.ascontiguousarray(vecs[order])
+
+
+def _query_lists(table: pa.Table, blocks: list[tuple[np.ndarray, np.ndarray]], k: int) -> pa.Table:
+    """The top-k rows (_q, rank, _c, score) of the queries in ``table`` against ``blocks``."""
+    if not table.num_rows:
+        return ARROW_LIST_SCHEMA.empty_table()
+    q_ids, vecs = _ints(table.column(Q)), _matrix(table.column(VEC))
+    excluded = table.column(EXCLUDE).combine_chunks()
+    ex_rows = np.repeat(np.arange(len(q_ids)), _ints(excluded.value_lengths()))
+    vals, ids = top_k(vecs, ex_rows, _ints(excluded.flatten()), blocks, k)
+    rows, cols = np.nonzero(vals > -np.inf)
+    return pa.Table.from_arrays(
+        [
+            pa.array(q_ids[rows], pa.int32()),
+            pa.array(cols.astype(np.int32) + 1, pa.int32()),
+            pa.array(ids[rows, cols], pa.int32()),
+            pa.array(vals[rows, cols], pa.float32()),
+        ],
+        schema=ARROW_LIST_SCHEMA,
+    )
+
+
+def _broadcast_task(candidates, k: int, blocks: Blocks) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
+    """mapInArrow body: each Arrow batch of queries, a query block at a time, against every broadcast block."""
+
+    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        ids, vecs = candidates.value
+        step = blocks.candidates
+        item_blocks = [(ids[s : s + step], vecs[s : s + step]) for s in range(0, len(ids), step)]
+        for batch in batches:
+            for start in range(0, batch.num_rows, blocks.queries):
+                queries = pa.Table.from_batches([batch.slice(start, blocks.queries)])
+                yield from _query_lists(queries, item_blocks, k).to_batches()
+
+    return run
+
+
+def _pair_task(k: int) -> Callable[[pa.Table, pa.Table], pa.Table]:
+    """applyInArrow body: the partial top-k of one query block against one candidate block."""
+
+    def run(queries: pa.Table, candidates: pa.Table) -> pa.Table:
+        return _query_lists(queries, [_sorted_candidates(candidates)], k)
+
+    return run
+
+
+# ---------------------------------------------------------------- Spark: the blocked top-K
+
+
+def _broadcast_lists(queries: DataFrame, candidates: DataFrame, *, k: int, blocks: Blocks) -> DataFrame:
+    table = candidates.select(C, VEC).toArrow()  # bounded by output.broadcast_max_mb
+    shared = queries.sparkSession.sparkContext.broadcast(_sorted_candidates(table))
+    return queries.select(Q, VEC, EXCLUDE).mapInArrow(_broadcast_task(shared, k, blocks), LIST_SCHEMA)
+
+
+def _block_join_lists(queries: DataFrame, candidates: DataFrame, *, k: int, n_candidates: int, blocks: Blocks) -> DataFrame:
+    n_qb = max(1, math.ceil(queries.count() / blocks.queries))
+    n_cb = max(1, math.ceil(n_candidates / blocks.candidates))
+    # Each query row goes to every candidate block and each candidate to every query block,
+    # so the cogroup of (query block, candidate block) is the cross join of the blocks.
+    q = queries.select(Q, VEC, EXCLUDE, (F.col(Q) % n_qb).alias(QB), F.explode(F.sequence(F.lit(0), F.lit(n_cb - 1))).alias(CB))
+    c = candidates.select(C, VEC, (F.col(C) % n_cb).alias(CB), F.explode(F.sequence(F.lit(0), F.lit(n_qb - 1))).alias(QB))
+    partial = q.groupBy(QB, CB).cogroup(c.groupBy(QB, CB)).applyInArrow(_pair_task(k), LIST_SCHEMA)
+    best = Window.partitionBy(Q).orderBy(F.col(SCORE).desc(), F.col(C))
+    ranked = partial.withColumn(RANK, F.row_number().over(best).cast(T.IntegerType()))
+    return ranked.where(F.col(RANK) <= k).select(*LIST_SCHEMA.fieldNames())
+
+
+def top_k_lists(
+    queries: DataFrame, candidates: DataFrame, *, k: int, broadcast_max_mb: int, blocks: Blocks = Blocks()
+) -> DataFrame:
+    """(_q, rank, _c, score): each query's best ``k`` candidates, excluded ids skipped, ties by candidate id.
+
+    ``queries``: _q int, _vec array<float>, _exclude array<int> (not null);
+    ``candidates``: _c int, _vec array<float> of the same length.
+    """
+    spark = queries.sparkSession
+    n, dim = candidates.agg(F.count(F.lit(1)), F.max(F.size(VEC))).first()
+    if k == 0 or not n:
+        return spark.createDataFrame([], LIST_SCHEMA)
+    size_mb = n * (4 * dim + 4) / 2**20
+    if size_mb <= broadcast_max_mb:
+        log.info("top-k: k=%d, broadcasting %d candidates (%.1f MiB)", k, n, size_mb)
+        return _broadcast_lists(queries, candidates, k=k, blocks=blocks)
+    log.info("top-k: k=%d, block join over %d candidates (%.1f MiB > output.broadcast_max_mb)", k, n, size_mb)
+    return _block_join_lists(queries, candidates, k=k, n_candidates=n, blocks=blocks)
+
+
+# ---------------------------------------------------------------- users and items
+
+
+def _floats(*cols: F.Column | str) -> F.Column:
+    return F.concat(*cols).cast(T.ArrayType(T.FloatType()))
+
+
+def seen_items(train: DataFrame) -> DataFrame:
+    """user_idx, _exclude: each user's training items (one list per user, shipped with its query row)."""
+    return train.groupBy(S.USER_IDX).agg(F.collect_list(S.ITEM_IDX).alias(EXCLUDE))
+
+
+def user_lists(
+    model: Model, seen: DataFrame | None, *, k: int, broadcast_max_mb: int, biases: bool = True
+) -> DataFrame:
+    """user_idx, rank, item_idx, score: each user's top ``k`` items.
+
+    With ``seen`` (from :func:`seen_items`) only users with training ratings get
+    a list and their seen items are excluded; ``seen=None`` lists every model
+    user with nothing excluded. ``biases=False`` scores ``p_u . q_i`` alone (mu
+    and biases ignored: the setting of ALSModel.recommendForAllUsers).
+    """
+    one = F.array(F.lit(1.0))
+    if biases:
+        user_vec = _floats(S.FACTORS, F.array(F.col(S.BIAS)), one)
+        item_vec = _floats(S.FACTORS, one, F.array(F.col(S.BIAS) + F.lit(model.mu)))
+    else:
+        user_vec = item_vec = F.col(S.FACTORS)
+    users = model.users.select(F.col(S.USER_IDX).alias(Q), user_vec.alias(VEC))
+    if seen is None:
+        queries = users.withColumn(EXCLUDE, F.array().cast(T.ArrayType(T.IntegerType())))
+    else:
+        queries = users.join(seen.withColumnRenamed(S.USER_IDX, Q), Q)
+    candidates = model.items.select(F.col(S.ITEM_IDX).alias(C), item_vec.alias(VEC))
+    lists = top_k_lists(queries, candidates, k=k, broadcast_max_mb=broadcast_max_mb)
+    return lists.select(F.col(Q).alias(S.USER_IDX), RANK, F.col(C).alias(S.ITEM_IDX), SCORE)
+
+
+def popular_lists(spark: SparkSession, train: DataFrame, users: DataFrame, *, k: int) -> DataFrame:
+    """user_idx, rank, item_idx, score: the ``k`` items with most training ratings (ties by index) for ``users``."""
+    top = train.groupBy(S.ITEM_IDX).agg(F.count(F.lit(1)).alias(POPULARITY)).orderBy(F.desc(POPULARITY), S.ITEM_IDX).limit(k)
+    rows = [(rank, r[S.ITEM_IDX], float(r[POPULARITY])) for rank, r in enumerate(top.collect(), start=1)]  # k rows
+    schema = T.StructType([LIST_SCHEMA[RANK], T.StructField(S.ITEM_IDX, T.IntegerType(), False), LIST_SCHEMA[SCORE]])
+    return users.select(S.USER_IDX).crossJoin(F.broadcast(spark.createDataFrame(rows, schema))).select(
+        S.USER_IDX, RANK, S.ITEM_IDX, SCORE
+    )
+
+
+def similar_item_lists(items: DataFrame, *, k: int, broadcast_max_mb: int) -> DataFrame:
+    """item_idx, rank, similar_item_idx, similarity: cosine over factors normalized once, self excluded."""
+    norm = F.sqrt(F.aggregate(S.FACTORS, F.lit(0.0), lambda acc, x: acc + x * x))
+    unit = F.transform(S.FACTORS, lambda x: F.when(norm > 0, x / norm).otherwise(F.lit(0.0)).cast(T.FloatType()))
+    vectors = items.select(S.ITEM_IDX, unit.alias(VEC)).cache()
+    queries = vectors.select(F.col(S.ITEM_IDX).alias(Q), VEC, F.array(F.col(S.ITEM_IDX)).alias(EXCLUDE))
+    candidates = vectors.select(F.col(S.ITEM_IDX).alias(C), VEC)
+    lists = top_k_lists(queries, candidates, k=k, broadcast_max_mb=broadcast_max_mb)
+    return lists.select(F.col(Q).alias(S.ITEM_IDX), RANK, F.col(C).alias(SIMILAR_IDX), F.col(SCORE).alias(SIMILARITY))
+
+
+def recommendations_table(lists: DataFrame, user_index: DataFrame, item_index: DataFrame) -> DataFrame:
+    """The published ``recommendations`` columns: original user and item ids."""
+    joined = lists.join(user_index, S.USER_IDX).join(item_index, S.ITEM_IDX)
+    return joined.select(*S.RECOMMENDATIONS_COLUMNS)
+
+
+def similar_items_table(lists: DataFrame, item_index: DataFrame) -> DataFrame:
+    """The published ``similar_items`` columns: original ids of both items."""
+    other = item_index.select(F.col(S.ITEM_IDX).alias(SIMILAR_IDX), F.col(S.ITEM_ID).alias(SIMILAR_ID))
+    return lists.join(item_index, S.ITEM_IDX).join(other, SIMILAR_IDX).select(*S.SIMILAR_ITEMS_COLUMNS)
+
+
+# ---------------------------------------------------------------- the stage
+
+
+@dataclass
+class Recommended:
+    """The stage's output: cached lists (indices, K ranks) and the two publishable tables."""
+
+    lists: DataFrame
+    recommendations: DataFrame
+    similar_items: DataFrame
+    listed_users: int
+    eligible_users: int
+    items: int
+
+
+def recommend(
+    spark: SparkSession,
+    model: Model,
+    train: DataFrame,
+    user_index: DataFrame,
+    item_index: DataFrame,
+    *,
+    output: OutputConfig,
+    k: int,
+) -> Recommended:
+    """Lists of ``k >= output.top_n`` items per user (for the ranking metrics too) and the two tables."""
+    seen = seen_items(train).cache()
+    lists = user_lists(model, seen, k=k, broadcast_max_mb=output.broadcast_max_mb)
+    eligible = seen.count()
+    if output.cold_start_popular:
+        cold = user_index.select(S.USER_IDX).join(seen, S.USER_IDX, "left_anti").cache()
+        eligible += cold.count()
+        lists = lists.unionByName(popular_lists(spark, train, cold, k=k))
+    lists = lists.cache()
+    listed = lists.select(S.USER_IDX).distinct().count()
+    similar = similar_item_lists(model.items, k=output.similar_items, broadcast_max_mb=output.broadcast_max_mb)
+    return Recommended(
+        lists=lists,
+        recommendations=recommendations_table(lists.where(F.col(RANK) <= output.top_n), user_index, item_index),
+        similar_items=similar_items_table(similar, item_index),
+        listed_users=listed,
+        eligible_users=eligible,
+        items=model.items.count(),
+    )
+
+
+# ---------------------------------------------------------------- rerun from a published run (jobs/recommend.py)
+
+# The config sections that decide a run's training ratings; a rerun must use the same ones.
+_TRAINING_KEYS = ("input", "split", "run.seed")
+
+
+def _section(cfg: dict, key: str) -> object:
+    for part in key.split("."):
+        cfg = cfg[part]
+    return cfg
+
+
+def _check_same_training(cfg: Config, run_config: str, run_id: str) -> None:
+    """Raise ConfigError when ``cfg`` would not rebuild the run's training ratings (for seen items)."""
+    mine, theirs = cfg.to_dict(), json.loads(run_config)
+    for key in _TRAINING_KEYS:
+        if _section(mine, key) != _section(theirs, key):
+            raise ConfigError(f"{key}: differs from run {run_id}'s config; pass the config that run was trained with")
+
+
+def training_ratings(spark: SparkSession, cfg: Config, user_index: DataFrame, item_index: DataFrame) -> DataFrame:
+    """The run's training ratings rebuilt from ``cfg`` (ingest, the published index, the same split)."""
+    indexed = apply_index(ingest(spark, cfg.input).ratings, user_index, item_index).select(S.USER_IDX, S.ITEM_IDX, S.RATING, S.TS)
+    if cfg.split.method == "file":
+        return indexed
+    return split(indexed, method=cfg.split.method, test_fraction=cfg.split.test_fraction, seed=cfg.run.seed)[0]
+
+
+def published_model(spark: SparkSession, root: str, run_id: str) -> Model:
+    """The Model of a published run: its factor tables and ``mu`` (metric ``train``/``mu``)."""
+    row = (
+        lake.read_partition(spark, root, S.METRICS, run_id)
+        .where((F.col("stage") == "train") & (F.col("metric") == "mu"))
+        .select("value")
+        .first()
+    )
+    if row is None:
+        raise InputError(f"run {run_id} under {root}: its metrics have no train/mu; retrain it with this version")
+    users = lake.read_partition(spark, root, S.USER_FACTORS, run_id).select(S.USER_IDX, S.BIAS, S.FACTORS)
+    items = lake.read_partition(spark, root, S.ITEM_FACTORS, run_id).select(S.ITEM_IDX, S.BIAS, S.FACTORS)
+    rank = items.select(F.size(S.FACTORS)).first()
+    return Model(mu=float(row[0]), users=users.cache(), items=items.cache(), rank=int(rank[0]) if rank else 0)
+
+
+def republish(spark: SparkSession, cfg: Config) -> Recommended:
+    """Recompute ``recommendations`` and ``similar_items`` of the succeeded run ``run.run_id`` and swap them in."""
+    started = time.perf_counter()
+    root, run_id = cfg.output.root, cfg.run.run_id
+    runs = lake.runs_by_status(spark, root)
+    record = None if runs is None else runs.where(F.col(S.RUN_ID) == run_id).select("config").first()
+    if record is None:
+        raise ConfigError(f"run.run_id: no succeeded run {run_id} under {root}")
+    _check_same_training(cfg, record[0], run_id)
+    user_index = lake.read_partition(spark, root, S.USER_INDEX, run_id).cache()
+    item_index = lake.read_partition(spark, root, S.ITEM_INDEX, run_id).cache()
+    model = published_model(spark, root, run_id)
+    train = training_ratings(spark, cfg, user_index, item_index)
+    result = recommend(spark, model, train, user_index, item_index, output=cfg.output, k=cfg.output.top_n)
+    publisher = Publisher(spark, cfg)
+    publisher.stage(S.RECOMMENDATIONS, result.recommendations)
+    publisher.stage(S.SIMILAR_ITEMS, result.similar_items)
+    publisher.replace_staged()
+    log.info(
+        "recommend: run %s rescored in %.1f s: %d of %d users listed, top_n=%d, similar_items=%d",
+        run_id, time.perf_counter() - started, result.listed_users, result.eligible_users, cfg.output.top_n, cfg.output.similar_items,
+    )
+    return result
