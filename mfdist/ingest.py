@@ -175,6 +175,11 @@ def rejected_rows(validated: DataFrame) -> DataFrame:
     )
 
 
+def count_by_reason(rejected: DataFrame) -> dict[str, int]:
+    """Rejected rows per reason (a handful of rows: one per reason)."""
+    return {r[S.REASON]: r["count"] for r in rejected.groupBy(S.REASON).count().collect()}
+
+
 def resolve_duplicates(accepted: DataFrame, *, policy: str) -> tuple[DataFrame, DataFrame | None]:
     """Apply ``input.duplicates``; return the unique ratings and the superseded rows (``last`` only)."""
     key = [S.USER_ID, S.ITEM_ID]

@@ -5,7 +5,12 @@ Layout::
     <root>/<table>/run_id=<id>/part-*.parquet   committed partitions (what readers see)
     <root>/_staging/<id>/<table>/                a run's tables before commit
     <root>/runs/run_id=<id>/                     the run record, written last
-    <root>/_artifacts/<id>/                      files of a run that are not tables (refine's MLP head)
+    <root>/_runs/<id>/report/                    the run report (metrics.json, loss curve, report.md)
+    <root>/_runs/<id>/artifacts/                 files a stage keeps (the refine MLP head)
+
+With ``output.format: delta`` the tables are Delta tables partitioned by run_id
+at the same paths (``_delta_log`` beside the partitions); staging stays Parquet.
+Names starting with ``_`` are ignored by Spark's partition discovery.
 
 Going through Hadoop's FileSystem (not ``os``) keeps the same code working on
 HDFS, S3A, ABFS and GCS as on a local disk.
@@ -20,7 +25,6 @@ from mfdist import schema as S
 from mfdist.errors import ConfigError
 
 STAGING = "_staging"
-ARTIFACTS = "_artifacts"
 
 
 def table_path(root: str, table: str) -> str:
@@ -31,13 +35,18 @@ def partition_path(root: str, table: str, run_id: str) -> str:
     return f"{table_path(root, table)}/{S.RUN_ID}={run_id}"
 
 
+def run_files_path(root: str, run_id: str, kind: str) -> str:
+    """Where a run's non-table files go: ``kind`` is ``report`` or ``artifacts``."""
+    return f"{root.rstrip('/')}/_runs/{run_id}/{kind}"
+
+
 def staging_path(root: str, run_id: str, table: str | None = None) -> str:
     base = f"{root.rstrip('/')}/{STAGING}/{run_id}"
     return f"{base}/{table}" if table else base
 
 
 def artifacts_path(root: str, run_id: str) -> str:
-    return f"{root.rstrip('/')}/{ARTIFACTS}/{run_id}"
+    return run_files_path(root, run_id, "artifacts")
 
 
 class FileSystem:
@@ -68,6 +77,17 @@ class FileSystem:
         """Copy a driver-local file to ``dst`` (overwriting), whatever the scheme of ``dst``."""
         self._fs.copyFromLocalFile(False, True, self._path(local), self._path(dst))
 
+    def qualify(self, path: str) -> str:
+        """The absolute URI of ``path`` (file:/..., s3a://...), as catalogs want locations."""
+        return str(self._fs.makeQualified(self._path(path)).toString())
+
+    def write_bytes(self, path: str, data: bytes) -> None:
+        stream = self._fs.create(self._path(path), True)
+        try:
+            stream.write(bytearray(data))
+        finally:
+            stream.close()
+
     def list_dirs(self, path: str) -> list[str]:
         """Names of the sub-directories of ``path`` (empty when it does not exist)."""
         if not self.exists(path):
@@ -78,13 +98,19 @@ class FileSystem:
 def read_table(spark: SparkSession, root: str, table: str) -> DataFrame | None:
     """All committed partitions of ``table`` (with run_id), or None when it has none."""
     path = table_path(root, table)
-    if not any(d.startswith(f"{S.RUN_ID}=") for d in FileSystem(spark, path).list_dirs(path)):
+    fs = FileSystem(spark, path)
+    if fs.exists(f"{path}/_delta_log"):
+        return spark.read.format("delta").load(path)
+    if not any(d.startswith(f"{S.RUN_ID}=") for d in fs.list_dirs(path)):
         return None
     return spark.read.option("basePath", path).parquet(path)
 
 
 def read_partition(spark: SparkSession, root: str, table: str, run_id: str) -> DataFrame:
     """One run's committed partition of ``table`` (without the run_id column)."""
+    path = table_path(root, table)
+    if FileSystem(spark, path).exists(f"{path}/_delta_log"):
+        return spark.read.format("delta").load(path).where(F.col(S.RUN_ID) == run_id).drop(S.RUN_ID)
     return spark.read.parquet(partition_path(root, table, run_id))
 
 

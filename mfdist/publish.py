@@ -19,7 +19,7 @@ from typing import Optional
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from mfdist import lake
+from mfdist import catalog, lake
 from mfdist import schema as S
 from mfdist.config import Config
 
@@ -59,19 +59,37 @@ class Publisher:
         self.root = self.cfg.output.root
         self.run_id = self.cfg.run.run_id
         self.fs = lake.FileSystem(self.spark, self.root)
-        if self.cfg.output.format == "delta":
+        self.delta = self.cfg.output.format == "delta"
+        if self.delta:
             lake.require_delta(self.spark, "output.format")
 
-    def _write_run_record(self, record: RunRecord) -> None:
-        """Replace this run's row in ``runs`` (staged first, so a kill cannot leave half a row)."""
-        tmp = lake.staging_path(self.root, self.run_id, "_runs")
-        self.spark.createDataFrame([record.row()], S.RUNS_SCHEMA).coalesce(1).write.mode("overwrite").parquet(tmp)
-        self._move(tmp, lake.partition_path(self.root, S.RUNS, self.run_id))
+    def _staging(self, name: str) -> str:
+        return lake.staging_path(self.root, self.run_id, name)
+
+    def _publish(self, table: str) -> None:
+        """Make the staged ``table`` this run's partition, replacing an earlier attempt's."""
+        src, dst = self._staging(table), lake.partition_path(self.root, table, self.run_id)
+        if self.delta:
+            # Delta commits are atomic per table; replaceWhere swaps exactly this run's partition.
+            staged = self.spark.read.parquet(src).withColumn(S.RUN_ID, F.lit(self.run_id))
+            staged.write.format("delta").mode("overwrite").option("replaceWhere", f"{S.RUN_ID} = '{self.run_id}'") \
+                .partitionBy(S.RUN_ID).save(lake.table_path(self.root, table))
+            return
+        self._move(src, dst)
 
     def _move(self, src: str, dst: str) -> None:
         self.fs.delete(dst)
         self.fs.mkdirs(dst.rsplit("/", 1)[0])
         self.fs.rename(src, dst)
+
+    def _write_run_record(self, record: RunRecord) -> None:
+        """Replace this run's row in ``runs`` (staged first, so a kill cannot leave half a row)."""
+        self.spark.createDataFrame([record.row()], S.RUNS_SCHEMA).coalesce(1).write.mode("overwrite").parquet(
+            self._staging(S.RUNS)
+        )
+        self._publish(S.RUNS)
+        if self.cfg.output.database:
+            catalog.register_run(self.spark, self.cfg, [S.RUNS])
 
     def begin(self) -> RunRecord:
         """Record the run as ``running`` and clear staging left by an earlier attempt of it."""
@@ -88,13 +106,25 @@ class Publisher:
 
     def stage(self, table: str, df: DataFrame) -> None:
         """Write ``df`` as this run's ``table`` to staging (not yet visible)."""
-        df.write.mode("overwrite").parquet(lake.staging_path(self.root, self.run_id, table))
+        df.write.mode("overwrite").parquet(self._staging(table))
         self.staged.append(table)
 
-    def commit(self, record: RunRecord) -> RunRecord:
-        """Move every staged table into its run_id partition, then mark the run succeeded."""
+    def stage_report(self, files: dict[str, bytes]) -> None:
+        """Stage the run report's files; commit moves them to ``<root>/_runs/<run_id>/report/``."""
+        for name, data in files.items():
+            self.fs.write_bytes(f"{self._staging('_report')}/{name}", data)
+
+    def _commit_staged(self) -> None:
         for table in self.staged:
-            self._move(lake.staging_path(self.root, self.run_id, table), lake.partition_path(self.root, table, self.run_id))
+            self._publish(table)
+        if self.cfg.output.database:
+            catalog.register_run(self.spark, self.cfg, self.staged)
+
+    def commit(self, record: RunRecord) -> RunRecord:
+        """Publish every staged table and file, then mark the run succeeded (last, so readers switch at once)."""
+        self._commit_staged()
+        if self.fs.exists(self._staging("_report")):
+            self._move(self._staging("_report"), lake.run_files_path(self.root, self.run_id, "report"))
         done = replace(record, status="succeeded", finished_at=now())
         self._write_run_record(done)
         self.fs.delete(lake.staging_path(self.root, self.run_id))
@@ -109,8 +139,7 @@ class Publisher:
 
     def replace_staged(self) -> None:
         """Swap the staged tables in as this (already published) run's partitions; its run record is kept."""
-        for table in self.staged:
-            self._move(lake.staging_path(self.root, self.run_id, table), lake.partition_path(self.root, table, self.run_id))
+        self._commit_staged()
         self.fs.delete(lake.staging_path(self.root, self.run_id))
         log.info("publish: replaced %s of run %s under %s", ", ".join(self.staged), self.run_id, self.root)
 

@@ -27,7 +27,7 @@ Inputs: the indexed training ratings (user_idx, item_idx, rating) and the traine
 ``refine.head: mlp`` also trains :class:`ResidualMLP` on the block, on top of
 the frozen dot-product model that is published, to predict its residual; its
 validation RMSE is reported as ``mlp_rmse`` and its weights and config are saved
-under ``<output.root>/_artifacts/<run_id>/``. Published factors stay the
+under ``<output.root>/_runs/<run_id>/artifacts/``. Published factors stay the
 dot-product model.
 
 Precision: the dot-product model is float32 everywhere (its parameters are the
@@ -108,14 +108,25 @@ class FitOutcome:
 
 @dataclass
 class RefineResult:
-    """The model to publish (merged or unchanged), the replaced row indices (None when not merged), metrics."""
+    """The model to publish (merged or unchanged), the block's indices (broadcast-sized frames) and metrics."""
 
     model: Model
     metrics: dict[str, float]
     epochs: list[EpochRecord]
     device: str
-    users: Optional[DataFrame]
-    items: Optional[DataFrame]
+    accepted: bool
+    block_users: DataFrame
+    block_items: DataFrame
+
+    @property
+    def users(self) -> Optional[DataFrame]:
+        """The user_idx of the rows replaced in ``model.users``; None when not merged."""
+        return self.block_users if self.accepted else None
+
+    @property
+    def items(self) -> Optional[DataFrame]:
+        """The item_idx of the rows replaced in ``model.items``; None when not merged."""
+        return self.block_items if self.accepted else None
 
 
 def resolve_device(setting: str) -> torch.device:
@@ -138,7 +149,7 @@ def sample_ids(ratings: DataFrame, model_side: DataFrame, *, idx_col: str, n: in
     return [row[0] for row in counts.orderBy(*order).limit(n).select(idx_col).collect()]
 
 
-def _ids_frame(spark: SparkSession, ids: list[int], idx_col: str) -> DataFrame:
+def ids_frame(spark: SparkSession, ids: list[int], idx_col: str) -> DataFrame:
     return spark.createDataFrame([(i,) for i in ids], T.StructType([T.StructField(idx_col, T.IntegerType(), False)]))
 
 
@@ -152,19 +163,31 @@ def _collect_side(model_side: DataFrame, ids: DataFrame, idx_col: str) -> Side:
     )
 
 
-def gather_block(train: DataFrame, model: Model, *, user_ids: list[int], item_ids: list[int], max_ratings: int) -> Block:
-    """Count the block's training ratings (refusing more than ``max_ratings``), then collect the block."""
-    spark = train.sparkSession
-    users, items = _ids_frame(spark, user_ids, S.USER_IDX), _ids_frame(spark, item_ids, S.ITEM_IDX)
+def sample_block(train: DataFrame, model: Model, cfg: Config) -> tuple[DataFrame, DataFrame]:
+    """The sampled user_idx and item_idx frames of the block (refine.sample.*)."""
+    r = cfg.refine.sample
+
+    def side(model_side: DataFrame, idx_col: str, n: int) -> DataFrame:
+        ids = sample_ids(train, model_side, idx_col=idx_col, n=n, strategy=r.strategy, seed=cfg.run.seed)
+        return ids_frame(train.sparkSession, ids, idx_col)
+
+    return side(model.users, S.USER_IDX, r.users), side(model.items, S.ITEM_IDX, r.items)
+
+
+def gather_block(train: DataFrame, model: Model, *, users: DataFrame, items: DataFrame, max_ratings: int) -> Block:
+    """Count the block's training ratings (refusing more than ``max_ratings``), then collect the block.
+
+    ``users`` and ``items`` are the sampled indices (frames from :func:`ids_frame`).
+    """
     ratings = (
         train.join(F.broadcast(users), S.USER_IDX).join(F.broadcast(items), S.ITEM_IDX).select(S.USER_IDX, S.ITEM_IDX, S.RATING)
     )
     n = ratings.count()
     if n > max_ratings:
         raise RefineError(
-            f"refine.sample.max_ratings: the sampled block of {len(user_ids):,} users x {len(item_ids):,} items holds "
-            f"{n:,} training ratings, more than refine.sample.max_ratings={max_ratings:,}; lower refine.sample.users "
-            "or refine.sample.items, or raise refine.sample.max_ratings if the block fits the device memory"
+            f"refine.sample.max_ratings: the sampled block holds {n:,} training ratings, more than "
+            f"refine.sample.max_ratings={max_ratings:,}; lower refine.sample.users or refine.sample.items, "
+            "or raise refine.sample.max_ratings if the block fits the device memory"
         )
     user_side, item_side = _collect_side(model.users, users, S.USER_IDX), _collect_side(model.items, items, S.ITEM_IDX)
     pdf = ratings.toPandas()
@@ -236,7 +259,7 @@ class ResidualMLP(torch.nn.Module):
         return self.net(torch.cat([p, q, p * q], dim=-1)).squeeze(-1)
 
 
-def _rmse(pred: torch.Tensor, y: torch.Tensor, rating_range: list[float]) -> float:
+def clipped_rmse(pred: torch.Tensor, y: torch.Tensor, rating_range: list[float]) -> float:
     """RMSE of predictions clipped to the rating range, as :func:`mfdist.evaluate.predict` clips them."""
     err = pred.clamp(rating_range[0], rating_range[1]) - y
     return float(torch.sqrt((err * err).mean()))
@@ -299,7 +322,7 @@ def _fit(
 
 
 @dataclass(frozen=True)
-class _Tensors:
+class BlockTensors:
     """The block's ratings on the device, split into fit and validation parts."""
 
     rows: torch.Tensor
@@ -309,11 +332,11 @@ class _Tensors:
     val: torch.Tensor
 
 
-def _tensors(block: Block, mask: np.ndarray, device: torch.device) -> _Tensors:
+def block_tensors(block: Block, mask: np.ndarray, device: torch.device) -> BlockTensors:
     def t(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(a)).to(device)
 
-    return _Tensors(
+    return BlockTensors(
         rows=t(block.rows.astype(np.int64)),
         cols=t(block.cols.astype(np.int64)),
         y=t(block.ratings),
@@ -322,7 +345,7 @@ def _tensors(block: Block, mask: np.ndarray, device: torch.device) -> _Tensors:
     )
 
 
-def refine_dot(dot: DotModel, data: _Tensors, cfg: Config, *, callback: EpochCallback | None = None) -> FitOutcome:
+def refine_dot(dot: DotModel, data: BlockTensors, cfg: Config, *, callback: EpochCallback | None = None) -> FitOutcome:
     """Fine-tune ``dot`` in place on the fit part; it ends holding the best validation state."""
     t, r = cfg.train, cfg.refine
     n_fit = len(data.fit)
@@ -335,7 +358,7 @@ def refine_dot(dot: DotModel, data: _Tensors, cfg: Config, *, callback: EpochCal
     def evaluate() -> tuple[float, float]:
         with torch.no_grad():
             pred = dot(data.rows, data.cols)
-        return tuple(_rmse(pred[part], data.y[part], cfg.input.rating_range) for part in (data.fit, data.val))
+        return tuple(clipped_rmse(pred[part], data.y[part], cfg.input.rating_range) for part in (data.fit, data.val))
 
     params = [p for p in dot.parameters() if p.requires_grad]
     return _fit(
@@ -344,7 +367,7 @@ def refine_dot(dot: DotModel, data: _Tensors, cfg: Config, *, callback: EpochCal
     )
 
 
-def fit_head(dot: DotModel, data: _Tensors, cfg: Config) -> tuple[ResidualMLP, FitOutcome]:
+def fit_head(dot: DotModel, data: BlockTensors, cfg: Config) -> tuple[ResidualMLP, FitOutcome]:
     """Train a ResidualMLP on the block on top of the frozen ``dot``; returns it at its best validation state."""
     r = cfg.refine
     device = dot.mu.device
@@ -364,7 +387,7 @@ def fit_head(dot: DotModel, data: _Tensors, cfg: Config) -> tuple[ResidualMLP, F
     def evaluate() -> tuple[float, float]:
         with torch.no_grad():
             pred = base + head(p, q)
-        return tuple(_rmse(pred[part], data.y[part], cfg.input.rating_range) for part in (data.fit, data.val))
+        return tuple(clipped_rmse(pred[part], data.y[part], cfg.input.rating_range) for part in (data.fit, data.val))
 
     optimizer = torch.optim.AdamW(head.parameters(), lr=r.lr, weight_decay=MLP_WEIGHT_DECAY)
     outcome = _fit(head, optimizer, batch_loss, evaluate, n_fit=len(data.fit), epochs=r.epochs,
@@ -373,7 +396,7 @@ def fit_head(dot: DotModel, data: _Tensors, cfg: Config) -> tuple[ResidualMLP, F
 
 
 def save_head(spark: SparkSession, head: ResidualMLP, outcome: FitOutcome, cfg: Config, *, dot_rmse: float) -> str:
-    """Write the head's state_dict and a JSON of its config to ``<output.root>/_artifacts/<run_id>/``."""
+    """Write the head's state_dict and a JSON of its config to ``<output.root>/_runs/<run_id>/artifacts/``."""
     dest = lake.artifacts_path(cfg.output.root, cfg.run.run_id)
     config = {
         "model": "ResidualMLP",
@@ -418,16 +441,27 @@ def merge_side(model_side: DataFrame, refined: DataFrame, *, idx_col: str) -> Da
     )
 
 
+def merged_model(spark: SparkSession, model: Model, block: Block, dot: DotModel) -> Model:
+    """``model`` with the block's users' and items' rows replaced by ``dot``'s refined ones."""
+    users = _side_frame(spark, block.users, dot.user_bias, dot.user_factors, S.MODEL_SCHEMA_USERS)
+    items = _side_frame(spark, block.items, dot.item_bias, dot.item_factors, S.MODEL_SCHEMA_ITEMS)
+    return Model(
+        mu=model.mu,
+        users=merge_side(model.users, users, idx_col=S.USER_IDX),
+        items=merge_side(model.items, items, idx_col=S.ITEM_IDX),
+        rank=model.rank,
+    )
+
+
 def refine(train: DataFrame, model: Model, cfg: Config, *, callback: EpochCallback | None = None) -> RefineResult:
     """Sample, refine and (when validation RMSE improves) merge a block of ``model``; see the module docstring."""
     r, seed = cfg.refine, cfg.run.seed
     spark = train.sparkSession
     device = resolve_device(r.device)
     log.info("refine: device=%s%s", device, f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
-    user_ids = sample_ids(train, model.users, idx_col=S.USER_IDX, n=r.sample.users, strategy=r.sample.strategy, seed=seed)
-    item_ids = sample_ids(train, model.items, idx_col=S.ITEM_IDX, n=r.sample.items, strategy=r.sample.strategy, seed=seed)
-    block = gather_block(train, model, user_ids=user_ids, item_ids=item_ids, max_ratings=r.sample.max_ratings)
-    data = _tensors(block, validation_mask(len(block.ratings), fraction=r.validation_fraction, seed=seed), device)
+    users, items = sample_block(train, model, cfg)
+    block = gather_block(train, model, users=users, items=items, max_ratings=r.sample.max_ratings)
+    data = block_tensors(block, validation_mask(len(block.ratings), fraction=r.validation_fraction, seed=seed), device)
     log.info("refine: block of %d users x %d items, %d ratings (%d fit, %d validation), strategy=%s",
              len(block.users.idx), len(block.items.idx), len(block.ratings), len(data.fit), len(data.val), r.sample.strategy)
 
@@ -445,17 +479,8 @@ def refine(train: DataFrame, model: Model, cfg: Config, *, callback: EpochCallba
         "device_cuda": float(device.type == "cuda"),
         "accepted": float(accepted),
     }
-    result = RefineResult(model, metrics, outcome.epochs, str(device), None, None)
     if accepted:
-        users = _side_frame(spark, block.users, dot.user_bias, dot.user_factors, S.MODEL_SCHEMA_USERS)
-        items = _side_frame(spark, block.items, dot.item_bias, dot.item_factors, S.MODEL_SCHEMA_ITEMS)
-        merged = Model(
-            mu=model.mu,
-            users=merge_side(model.users, users, idx_col=S.USER_IDX),
-            items=merge_side(model.items, items, idx_col=S.ITEM_IDX),
-            rank=model.rank,
-        )
-        result = RefineResult(merged, metrics, outcome.epochs, str(device), users.select(S.USER_IDX), items.select(S.ITEM_IDX))
+        model = merged_model(spark, model, block, dot)
     if r.head == "mlp":
         # `dot` holds its best validation state, which is the trained one when not accepted: the published model.
         head, head_outcome = fit_head(dot, data, cfg)
@@ -463,4 +488,4 @@ def refine(train: DataFrame, model: Model, cfg: Config, *, callback: EpochCallba
         where = save_head(spark, head, head_outcome, cfg, dot_rmse=outcome.rmse_after)
         log.info("refine: mlp head validation rmse %.4f (dot product %.4f); weights in %s",
                  head_outcome.rmse_after, outcome.rmse_after, where)
-    return result
+    return RefineResult(model, metrics, outcome.epochs, str(device), accepted, users, items)

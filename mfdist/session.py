@@ -6,6 +6,7 @@ import logging
 
 from pyspark.sql import SparkSession
 
+from mfdist.catalog import local_catalog_conf
 from mfdist.config import Config
 
 # Partition values such as run_id=20261122 must stay strings, whatever they look like.
@@ -17,7 +18,7 @@ def build_session(cfg: Config) -> SparkSession:
     builder = SparkSession.builder.appName(cfg.run.name)
     if cfg.spark.master:
         builder = builder.master(cfg.spark.master)
-    for key, value in {**cfg.spark.conf, **_FIXED_CONF}.items():
+    for key, value in {**cfg.spark.conf, **local_catalog_conf(cfg), **_FIXED_CONF}.items():
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
