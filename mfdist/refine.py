@@ -226,14 +226,19 @@ class DotModel(torch.nn.Module):
         self.user_factors = torch.nn.Parameter(torch.from_numpy(block.users.factors.copy()))
         self.item_factors = torch.nn.Parameter(torch.from_numpy(block.items.factors.copy()))
 
+    def _predict(self, rows: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Predictions and the gathered factors; index_select's backward is several times faster on CPU than indexing."""
+        p, q = self.user_factors.index_select(0, rows), self.item_factors.index_select(0, cols)
+        bias = self.user_bias.index_select(0, rows) + self.item_bias.index_select(0, cols)
+        return self.mu + bias + (p * q).sum(-1), p, q
+
     def forward(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        dot = (self.user_factors[rows] * self.item_factors[cols]).sum(-1)
-        return self.mu + self.user_bias[rows] + self.item_bias[cols] + dot
+        return self._predict(rows, cols)[0]
 
     def objective(self, rows: torch.Tensor, cols: torch.Tensor, y: torch.Tensor, *, reg: float, bias_reg_per_rating: float) -> torch.Tensor:
         """The per-rating regularized squared error (see the module docstring)."""
-        err = self(rows, cols) - y
-        p, q = self.user_factors[rows], self.item_factors[cols]
+        pred, p, q = self._predict(rows, cols)
+        err = pred - y
         l2 = ((p * p).sum(-1) + (q * q).sum(-1)).mean()
         bias_l2 = self.user_bias.pow(2).sum() + self.item_bias.pow(2).sum()
         return (err * err).mean() + reg * l2 + bias_reg_per_rating * bias_l2
@@ -373,7 +378,7 @@ def fit_head(dot: DotModel, data: BlockTensors, cfg: Config) -> tuple[ResidualML
     device = dot.mu.device
     with torch.no_grad():
         base = dot(data.rows, data.cols)
-        p, q = dot.user_factors[data.rows], dot.item_factors[data.cols]
+        p, q = dot.user_factors.index_select(0, data.rows), dot.item_factors.index_select(0, data.cols)
     torch.manual_seed(cfg.run.seed)
     head = ResidualMLP(dot.user_factors.shape[1]).to(device)
 

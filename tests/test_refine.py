@@ -174,7 +174,7 @@ def test_refinement_on_cuda_improves_and_says_so(spark, tmp_path):
 def test_pipeline_records_refine_metrics_and_epochs_and_publishes_the_refined_flag(spark, tmp_path):
     cfg = load_config(None, [
         "input.synthetic.users=300", "input.synthetic.items=80", "input.synthetic.ratings=8000",
-        "train.rank=4", "train.epochs=1", "refine.enabled=true", "refine.sample.users=60", "refine.sample.items=40",
+        "train.rank=4", "train.epochs=1", "train.bias_rounds=1", "refine.enabled=true", "refine.sample.users=60", "refine.sample.items=40",
         "refine.epochs=40", "refine.lr=0.01", f"output.root={tmp_path}/lake", f"run.checkpoint_dir={tmp_path}/ck",
         "run.run_id=e2e", "output.top_n=0", "output.similar_items=0",
     ])

@@ -1,0 +1,189 @@
+"""Benchmark of the refine stage: block RMSE before/after, test RMSE after merging, epochs/s on CPU (and CUDA).
+
+    python bench/refine.py [--datasets ml100k synthetic] [--noise 0.1] [--set key=value ...]
+
+Per dataset the model is trained once (``conf/local.yaml``: ALS rank 10, 10
+iterations, or as ``--set`` says). Every refine variant (``top_active`` and
+``random`` blocks on the CPU, ``top_active`` on CUDA when torch sees a GPU)
+then runs on two starts: the ALS model, and the ALS model with uniform noise
+added to its factors (a stand-in for an under-trained or early-stopped
+trainer). Printed per variant: the block's validation RMSE before/after (what
+acceptance uses), whether it was merged, the test split's RMSE on the block's
+(user, item) pairs and on the whole test set before/after merging (both held
+out from training and refinement), and refinement epochs/s. The gate
+diagnostic then refines the ALS block without early stopping and prints the
+validation RMSE next to the held-out test-in-block RMSE per epoch. ml-100k uses
+u1.base/u1.test and is skipped when ../shared/data/ml-100k is absent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pyspark.sql import Column, DataFrame, SparkSession  # noqa: E402
+from pyspark.sql import functions as F  # noqa: E402
+
+from mfdist import schema as S  # noqa: E402
+from mfdist.config import Config, load_config  # noqa: E402
+from mfdist.evaluate import rating_metrics  # noqa: E402
+from mfdist.ingest import ingest  # noqa: E402
+from mfdist import refine as R  # noqa: E402
+from mfdist.refine import refine  # noqa: E402
+from mfdist.reindex import apply_index, build_index  # noqa: E402
+from mfdist.session import build_session  # noqa: E402
+from mfdist.split import split  # noqa: E402
+from mfdist.train import Model, make_trainer  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+ML100K = (REPO / ".." / "shared" / "data" / "ml-100k").resolve()
+DATASETS = {
+    # ml-100k has 943 users: a 300 x 300 block is about a third of its ratings.
+    "ml100k": [
+        "input.format=movielens", f"input.path={ML100K / 'u1.base'}", "split.method=file",
+        f"split.test_path={ML100K / 'u1.test'}", "refine.sample.users=300", "refine.sample.items=300",
+    ],
+    "synthetic": [],
+}
+
+
+def prepare(spark: SparkSession, cfg: Config) -> tuple[DataFrame, DataFrame, Model]:
+    """Indexed train and test splits and the trained model, as the pipeline builds them."""
+    train_in = ingest(spark, cfg.input)
+    test_in = ingest(spark, cfg.input, path=cfg.split.test_path) if cfg.split.method == "file" else None
+    everything = train_in.ratings if test_in is None else train_in.ratings.unionByName(test_in.ratings)
+    users = build_index(everything, None, id_col=S.USER_ID, idx_col=S.USER_IDX, table=S.USER_INDEX).cache()
+    items = build_index(everything, None, id_col=S.ITEM_ID, idx_col=S.ITEM_IDX, table=S.ITEM_INDEX).cache()
+    cols = [S.USER_IDX, S.ITEM_IDX, S.RATING]
+    indexed = apply_index(train_in.ratings, users, items).select(*cols)
+    if test_in is None:
+        train, test = split(indexed, method=cfg.split.method, test_fraction=cfg.split.test_fraction, seed=cfg.run.seed)
+    else:
+        train, test = indexed, apply_index(test_in.ratings, users, items).select(*cols)
+    train, test = train.cache(), test.cache()
+    return train, test, make_trainer(cfg).fit(train).model
+
+
+def in_block(test: DataFrame, users: DataFrame, items: DataFrame) -> DataFrame:
+    """The test ratings of a block's (user, item) pairs: held out from training and refinement."""
+    return test.join(F.broadcast(users), S.USER_IDX).join(F.broadcast(items), S.ITEM_IDX)
+
+
+def perturbed(model: Model, *, scale: float, seed: int) -> Model:
+    """``model`` with uniform noise in [-scale, scale] added to every factor: a stand-in for an under-trained trainer."""
+
+    def side(frame: DataFrame, idx_col: str) -> DataFrame:
+        def noisy(x: Column, k: Column) -> Column:
+            u = (F.abs(F.xxhash64(F.lit(seed), F.col(idx_col), k)) % 2001) / 1000.0 - 1.0
+            return (x + scale * u).cast("float")
+
+        return frame.withColumn(S.FACTORS, F.transform(S.FACTORS, noisy)).cache()
+
+    return Model(model.mu, side(model.users, S.USER_IDX), side(model.items, S.ITEM_IDX), model.rank)
+
+
+def variant(cfg: Config, *, strategy: str, **refine_keys: object) -> Config:
+    sample = dataclasses.replace(cfg.refine.sample, strategy=strategy)
+    return dataclasses.replace(cfg, refine=dataclasses.replace(cfg.refine, sample=sample, **refine_keys))
+
+
+def bench_start(train: DataFrame, test: DataFrame, model: Model, cfg: Config, label: str) -> None:
+    """One row per refine variant on the same starting ``model``."""
+    lo_hi = cfg.input.rating_range
+    base_rmse = rating_metrics(test, model, rating_range=lo_hi)["rmse"]
+    variants = [("top_active", "cpu"), ("random", "cpu")] + ([("top_active", "cuda")] if torch.cuda.is_available() else [])
+    for strategy, device in variants:
+        started = time.perf_counter()
+        result = refine(train, model, variant(cfg, strategy=strategy, device=device))
+        seconds = time.perf_counter() - started
+        m = result.metrics
+        block_test = in_block(test, result.block_users, result.block_items).cache()
+        tb_before = rating_metrics(block_test, model, rating_range=lo_hi)["rmse"]
+        tb_after = rating_metrics(block_test, result.model, rating_range=lo_hi)["rmse"]
+        all_after = rating_metrics(test, result.model, rating_range=lo_hi)["rmse"]
+        epoch_s = sum(e.seconds for e in result.epochs)
+        print(f"{label:<12} {strategy + ' ' + device:<16} {int(m['users']):>5} x {int(m['items']):<5} {int(m['ratings']):>8,} "
+              f"{m['rmse_before']:>7.4f}->{m['rmse_after']:.4f} {'yes' if m['accepted'] else 'no':>6} "
+              f"{tb_before:>7.4f}->{tb_after:.4f} {base_rmse:>7.4f}->{all_after:.4f} "
+              f"{len(result.epochs):>6} {len(result.epochs) / epoch_s:>8.1f} {seconds:>6.1f}")
+        block_test.unpersist()
+
+
+def gate_diagnostic(train: DataFrame, test: DataFrame, model: Model, cfg: Config, *, epochs: int) -> None:
+    """Validation RMSE (the acceptance gate) next to the held-out test RMSE of the block, epoch by epoch, no early stop."""
+    r = cfg.refine
+    users, items = R.sample_block(train, model, cfg)
+    block = R.gather_block(train, model, users=users, items=items, max_ratings=r.sample.max_ratings)
+    data = R.block_tensors(block, R.validation_mask(len(block.ratings), fraction=r.validation_fraction, seed=cfg.run.seed),
+                           torch.device("cpu"))
+    pairs = in_block(test, users, items).toPandas()
+    test_rows = torch.from_numpy(np.searchsorted(block.users.idx, pairs[S.USER_IDX].to_numpy()))
+    test_cols = torch.from_numpy(np.searchsorted(block.items.idx, pairs[S.ITEM_IDX].to_numpy()))
+    test_y = torch.from_numpy(pairs[S.RATING].to_numpy(np.float32))
+    dot = R.DotModel(model.mu, block, train_biases=cfg.train.biases)
+
+    def held_out() -> float:
+        with torch.no_grad():
+            return R.clipped_rmse(dot(test_rows, test_cols), test_y, cfg.input.rating_range)
+
+    with torch.no_grad():
+        gate = R.clipped_rmse(dot(data.rows[data.val], data.cols[data.val]), data.y[data.val], cfg.input.rating_range)
+    trace = [(0, gate, held_out())]
+    R.refine_dot(dot, data, dataclasses.replace(cfg, refine=dataclasses.replace(r, epochs=epochs, patience=epochs + 1)),
+                 callback=lambda e: trace.append((e.epoch, e.test_rmse, held_out())))
+    step = max(1, epochs // 8)
+    print(f"gate diagnostic ({r.sample.strategy}, lr {r.lr}, no early stop): epoch validation(gate)/held-out test-in-block")
+    print("  " + "  ".join(f"{e}: {v:.4f}/{t:.4f}" for e, v, t in trace if e % step == 0 or e == epochs))
+
+
+def bench_dataset(spark: SparkSession, name: str, cfg: Config, *, noise: float, diagnostic_epochs: int) -> None:
+    started = time.perf_counter()
+    train, test, model = prepare(spark, cfg)
+    print(f"\n== {name}: {train.count():,} train / {test.count():,} test ratings, ALS rank {cfg.train.rank} x "
+          f"{cfg.train.epochs} iterations in {time.perf_counter() - started:.0f} s")
+    print(f"{'start':<12} {'variant':<16} {'block':>13} {'ratings':>8} {'validation RMSE':>16} {'merged':>6} "
+          f"{'test-in-block RMSE':>18} {'full test RMSE':>16} {'epochs':>6} {'epochs/s':>8} {'s':>6}")
+    bench_start(train, test, model, cfg, "als")
+    bench_start(train, test, perturbed(model, scale=noise, seed=cfg.run.seed), cfg, f"als+noise{noise:g}")
+    gate_diagnostic(train, test, model, variant(cfg, strategy="top_active", device="cpu"), epochs=diagnostic_epochs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--datasets", nargs="+", choices=sorted(DATASETS), default=["ml100k", "synthetic"])
+    parser.add_argument("--noise", type=float, default=0.3, help="uniform factor noise of the under-trained start")
+    parser.add_argument("--diagnostic-epochs", type=int, default=40)
+    parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    with tempfile.TemporaryDirectory() as tmp:
+        common = [f"output.root={tmp}/lake", f"run.checkpoint_dir={tmp}/ck", "refine.enabled=true"]
+        cfgs = {d: load_config(REPO / "conf" / "local.yaml", common + DATASETS[d] + args.overrides) for d in args.datasets}
+        spark = build_session(next(iter(cfgs.values())))
+        spark.sparkContext.setCheckpointDir(f"{tmp}/ck")
+        print(f"refine benchmark: {os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} torch threads")
+        try:
+            for name, cfg in cfgs.items():
+                if name == "ml100k" and not (ML100K / "u1.base").is_file():
+                    print(f"\n== ml100k: skipped, {ML100K} not found")
+                    continue
+                bench_dataset(spark, name, cfg, noise=args.noise, diagnostic_epochs=args.diagnostic_epochs)
+            if not torch.cuda.is_available():
+                print("\nCUDA: no GPU available to torch here (torch.cuda.is_available() is false); CUDA figures not measured")
+        finally:
+            spark.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
