@@ -12,7 +12,8 @@ acceptance uses), whether it was merged, the test split's RMSE on the block's
 (user, item) pairs and on the whole test set before/after merging (both held
 out from training and refinement), and refinement epochs/s. The gate
 diagnostic then refines the ALS block without early stopping and prints the
-validation RMSE next to the held-out test-in-block RMSE per epoch. ml-100k uses
+validation RMSE next to the held-out test-in-block RMSE per epoch, and the
+same two figures for the MLP head (``refine.head: mlp``) on that block. ml-100k uses
 u1.base/u1.test and is skipped when ../shared/data/ml-100k is absent.
 """
 
@@ -144,6 +145,15 @@ def gate_diagnostic(train: DataFrame, test: DataFrame, model: Model, cfg: Config
     step = max(1, epochs // 8)
     print(f"gate diagnostic ({r.sample.strategy}, lr {r.lr}, no early stop): epoch validation(gate)/held-out test-in-block")
     print("  " + "  ".join(f"{e}: {v:.4f}/{t:.4f}" for e, v, t in trace if e % step == 0 or e == epochs))
+
+    # The MLP head on the unrefined block, scored the same two ways.
+    dot = R.DotModel(model.mu, block, train_biases=cfg.train.biases)
+    head, outcome = R.fit_head(dot, data, cfg)
+    with torch.no_grad():
+        p, q = dot.user_factors.index_select(0, test_rows), dot.item_factors.index_select(0, test_cols)
+        with_head = R.clipped_rmse(dot(test_rows, test_cols) + head(p, q), test_y, cfg.input.rating_range)
+    print(f"mlp head: validation {outcome.rmse_before:.4f}->{outcome.rmse_after:.4f} (best epoch {outcome.best_epoch}), "
+          f"held-out test-in-block {trace[0][2]:.4f}->{with_head:.4f}")
 
 
 def bench_dataset(spark: SparkSession, name: str, cfg: Config, *, noise: float, diagnostic_epochs: int) -> None:

@@ -283,7 +283,7 @@ def _fit(
     label: str,
     callback: EpochCallback | None = None,
 ) -> FitOutcome:
-    """Adam epochs over shuffled mini-batches of the fit part, early-stopped on validation RMSE; keeps the best state."""
+    """Epochs of ``optimizer`` over shuffled mini-batches of the fit part, early-stopped on validation RMSE; keeps the best state."""
     module.eval()
     rmse_before = best = evaluate()[1]
     best_state, best_epoch, stale, records = copy.deepcopy(module.state_dict()), 0, 0, []
