@@ -16,16 +16,16 @@ from dataclasses import dataclass, field, replace
 from typing import Iterator
 
 from pyspark.sql import DataFrame, SparkSession
-from pyspark.sql import functions as F
 
 from mfdist import lake
 from mfdist import schema as S
 from mfdist.config import Config
 from mfdist.evaluate import LIST_METRICS, RANKING_METRICS, ranking_report, rating_metrics, relevance_threshold
-from mfdist.ingest import IngestResult, ingest
+from mfdist.ingest import IngestResult, count_by_reason, ingest
 from mfdist.publish import Publisher, RunRecord, epochs_frame, factor_table, metrics_frame
 from mfdist.recommend import recommend
 from mfdist.reindex import apply_index, build_index, check_capacity
+from mfdist.report import build_report
 from mfdist.split import split
 from mfdist.train import EpochRecord, Model, make_trainer
 
@@ -88,6 +88,8 @@ def _index(spark: SparkSession, cfg: Config, ids: DataFrame, *, id_col: str, idx
 def run(spark: SparkSession, cfg: Config) -> RunResult:
     """Run every stage for ``cfg`` and publish the run; on failure the run is recorded as failed."""
     spark.sparkContext.setCheckpointDir(cfg.run.checkpoint_dir)
+    # Start from an empty cache, so repeated runs in one session (notebooks, tests) don't pile up blocks.
+    spark.catalog.clearCache()
     publisher = Publisher(spark, cfg)
     record = publisher.begin()
     metrics = Metrics()
@@ -190,6 +192,7 @@ def run(spark: SparkSession, cfg: Config) -> RunResult:
             info.update(root=cfg.output.root, run_id=cfg.run.run_id)
         # The publish time is known only now, so the metrics table is staged last.
         publisher.stage(S.METRICS, metrics_frame(spark, metrics.rows))
+        publisher.stage_report(build_report(record, metrics.rows, epochs, count_by_reason(rejected)))
         record = publisher.commit(record)
     except BaseException as exc:
         publisher.fail(record, exc)
