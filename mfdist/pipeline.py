@@ -88,8 +88,11 @@ def _index(spark: SparkSession, cfg: Config, ids: DataFrame, *, id_col: str, idx
 def run(spark: SparkSession, cfg: Config) -> RunResult:
     """Run every stage for ``cfg`` and publish the run; on failure the run is recorded as failed."""
     spark.sparkContext.setCheckpointDir(cfg.run.checkpoint_dir)
-    # Start from an empty cache, so repeated runs in one session (notebooks, tests) don't pile up blocks.
+    # Start from an empty cache, so repeated runs in one session (notebooks, tests) don't pile up
+    # blocks: cached DataFrames and the RDDs MLlib persists internally (ALS factor blocks).
     spark.catalog.clearCache()
+    for rdd in spark.sparkContext._jsc.getPersistentRDDs().values():
+        rdd.unpersist(False)
     publisher = Publisher(spark, cfg)
     record = publisher.begin()
     metrics = Metrics()

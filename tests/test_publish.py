@@ -43,8 +43,8 @@ def _latest_counts(spark, root):
 def lake_with_runs(spark, tmp_path_factory):
     """Three succeeded runs g1 < g2 < g3 under one root (tests below run in file order)."""
     root = tmp_path_factory.mktemp("publish") / "lake"
-    results = {rid: run(spark, _cfg(root, rid, ratings=3000 + 500 * i)) for i, rid in enumerate(("g1", "g2", "g3"))}
-    return root, {rid: r.model.users.count() for rid, r in results.items()}
+    users = {rid: run(spark, _cfg(root, rid, ratings=3000 + 500 * i)).model.users.count() for i, rid in enumerate(("g1", "g2", "g3"))}
+    return root, users
 
 
 def test_rerun_with_same_run_id_is_idempotent(spark, lake_with_runs):
