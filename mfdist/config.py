@@ -72,7 +72,8 @@ class SplitConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    algorithm: Literal["als", "dsgd"] = "als"
+    # dsgd (issue 3) is added once its trainer lands.
+    algorithm: Literal["als"] = "als"
     rank: int = 10
     epochs: int = 10
     reg: float = 0.1

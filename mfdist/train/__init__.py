@@ -61,13 +61,9 @@ class Trainer(ABC):
 
 def make_trainer(cfg: Config) -> Trainer:
     """The trainer for ``train.algorithm``."""
-    if cfg.train.algorithm == "als":
-        from mfdist.train.als import ALSTrainer
+    from mfdist.train.als import ALSTrainer
 
-        return ALSTrainer(cfg)
-    from mfdist.train.dsgd import DSGDTrainer
-
-    return DSGDTrainer(cfg)
+    return ALSTrainer(cfg)
 
 
 def check_finite(model: Model) -> None:
