@@ -26,8 +26,9 @@ candidates ``_c, _vec``):
 - the user score is one dot product of augmented vectors
   ``[p_u, b_u, 1] . [q_i, 1, b_i + mu]``, so biases cost no extra pass;
 - queries are cut into blocks of ``Blocks.queries`` rows and candidates,
-  sorted by id, into blocks of ``Blocks.candidates``; each pair of blocks is one float32
-  BLAS product (numpy) into a reused buffer, so a task holds one score block;
+  sorted by id, into blocks of ``Blocks.candidates``; each pair of blocks (a
+  tile) is one float32 BLAS product (numpy) into a reused buffer, so a task
+  holds one tile of scores;
 - excluded pairs are set to -inf from the exclusion lists that travel with
   each query row (the user's training items; the item itself);
 - a running top-K per query row is merged across candidate blocks: a lower
@@ -39,9 +40,14 @@ candidates ``_c, _vec``):
 - **broadcast**: when the candidate vectors fit ``output.broadcast_max_mb``
   they are broadcast, and each Arrow batch of queries (``mapInArrow``) runs
   against every candidate block;
-- **block join** otherwise: every query block meets every candidate block in a
-  cogroup keyed by (query block, candidate block) (``applyInArrow``), and the
-  partial top-Ks are merged by a window ordered by (score desc, id asc).
+- **block join** otherwise: queries and candidates are cut into groups
+  (``Blocks.join_*``, by id modulo the group count) and every query group
+  meets every candidate group in a cogroup keyed by (query group, candidate
+  group) (``applyInArrow``), tile by tile as above; the partial top-Ks are
+  merged by a window ordered by (score desc, id asc).
+
+Per task: one tile of scores, plus the broadcast candidates (at most
+``output.broadcast_max_mb``) or the vectors of one pair of groups.
 """
 
 from __future__ import annotations
@@ -72,19 +78,26 @@ from mfdist.train import Model
 log = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True)
 class Blocks:
-    """Rows per query block and per candidate block: a task holds queries x candidates float32 scores.
+    """Block sizes, in rows.
 
-    The default score block (16 MiB) stays near the CPU caches between the product and the comparison.
+    A task scores one tile of ``queries`` x ``candidates`` at a time (float32;
+    16 MiB by default, small enough to stay near the CPU caches between the
+    product and the comparison). The block join pairs groups of
+    ``join_queries`` queries with groups of ``join_candidates`` candidates: a
+    task holds the vectors of one pair of groups, and each vector is shuffled
+    once per group of the other side, so groups are much larger than tiles.
     """
 
     queries: int = 1024
     candidates: int = 4096
+    join_queries: int = 65536
+    join_candidates: int = 65536
+
 
 # Columns of the leading sample whose K-th best bounds a row before it has K entries.
-SAMPLE = 2048
+SAMPLE = 1024
 
 NO_ID = np.iinfo(np.int32).max
 # The lowest finite score: bounds never fall below it, so excluded (-inf) pairs are never admitted.
@@ -134,14 +147,18 @@ def _lower_bounds(scores: np.ndarray, kth: np.ndarray, k: int) -> np.ndarray:
 def _merge(
     vals: np.ndarray, ids: np.ndarray, rows: np.ndarray, cand_vals: np.ndarray, cand_ids: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Merge candidates (rows, values, ids) into the running (b, k) lists, touching only rows with candidates."""
+    """Merge candidates (rows, values, ids) into the running (b, k) lists, touching only rows with candidates.
+
+    Candidate ids must exceed every running id and ascend within a row: then one
+    stable sort by (row, score desc) also orders equal scores by id.
+    """
     k = vals.shape[1]
     touched = np.flatnonzero(np.bincount(rows, minlength=len(vals)))
     local = np.searchsorted(touched, rows)
     all_rows = np.concatenate([np.repeat(np.arange(len(touched)), k), local])
     all_vals = np.concatenate([vals[touched].ravel(), cand_vals])
     all_ids = np.concatenate([ids[touched].ravel(), cand_ids])
-    order = np.lexsort((all_ids, _desc_key(all_rows, all_vals)))
+    order = np.argsort(_desc_key(all_rows, all_vals), kind="stable")
     # Every touched row holds at least its k running entries, so its first k sorted entries exist.
     counts = np.bincount(all_rows, minlength=len(touched))
     keep = order[((np.cumsum(counts) - counts)[:, None] + np.arange(k)).ravel()]
@@ -167,8 +184,9 @@ def top_k(
     blocks: Iterable[tuple[np.ndarray, np.ndarray]],
     k: int,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Best ``k`` (score desc, id asc) of each query row over candidate blocks (sorted ids, vectors).
+    """Best ``k`` (score desc, id asc) of each query row over candidate blocks (ids, vectors).
 
+    Block ids ascend, within and across blocks (what keeps ties in id order).
     ``ex_rows``/``ex_ids`` list the excluded (query row, candidate id) pairs.
     Returns (b, k) scores and ids; a row with fewer than k candidates is padded
     with -inf and ``NO_ID``.
@@ -177,10 +195,14 @@ def top_k(
     vals = np.full((b, k), -np.inf, np.float32)
     ids = np.full((b, k), NO_ID, np.int32)
     buffer = mask = None
+    last_id = -1
     for cand_ids, cand_vecs in blocks:
         m = len(cand_ids)
         if not m:
             continue
+        if cand_ids[0] <= last_id or np.any(cand_ids[1:] <= cand_ids[:-1]):
+            raise ValueError("top_k: candidate ids must ascend within and across blocks")
+        last_id = cand_ids[-1]
         if buffer is None or buffer.size < b * m:
             buffer, mask = np.empty(b * m, np.float32), np.empty(b * m, np.bool_)
         scores, admitted = buffer[: b * m].reshape(b, m), mask[: b * m].reshape(b, m)
@@ -216,8 +238,6 @@ def _sorted_candidates(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
 
 def _query_lists(table: pa.Table, blocks: list[tuple[np.ndarray, np.ndarray]], k: int) -> pa.Table:
     """The top-k rows (_q, rank, _c, score) of the queries in ``table`` against ``blocks``."""
-    if not table.num_rows:
-        return ARROW_LIST_SCHEMA.empty_table()
     q_ids, vecs = _ints(table.column(Q)), _matrix(table.column(VEC))
     excluded = table.column(EXCLUDE).combine_chunks()
     ex_rows = np.repeat(np.arange(len(q_ids)), _ints(excluded.value_lengths()))
@@ -234,26 +254,32 @@ def _query_lists(table: pa.Table, blocks: list[tuple[np.ndarray, np.ndarray]], k
     )
 
 
+def _tiled_lists(queries: pa.Table, candidates: tuple[np.ndarray, np.ndarray], k: int, blocks: Blocks) -> Iterator[pa.Table]:
+    """The top-k of ``queries`` against sorted ``candidates``, one score tile (query block x candidate block) at a time."""
+    ids, vecs = candidates
+    step = blocks.candidates
+    tiles = [(ids[s : s + step], vecs[s : s + step]) for s in range(0, len(ids), step)]
+    for start in range(0, queries.num_rows, blocks.queries):
+        yield _query_lists(queries.slice(start, blocks.queries), tiles, k)
+
+
 def _broadcast_task(candidates, k: int, blocks: Blocks) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
-    """mapInArrow body: each Arrow batch of queries, a query block at a time, against every broadcast block."""
+    """mapInArrow body: each Arrow batch of queries against the broadcast candidates."""
 
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        ids, vecs = candidates.value
-        step = blocks.candidates
-        item_blocks = [(ids[s : s + step], vecs[s : s + step]) for s in range(0, len(ids), step)]
         for batch in batches:
-            for start in range(0, batch.num_rows, blocks.queries):
-                queries = pa.Table.from_batches([batch.slice(start, blocks.queries)])
-                yield from _query_lists(queries, item_blocks, k).to_batches()
+            for lists in _tiled_lists(pa.Table.from_batches([batch]), candidates.value, k, blocks):
+                yield from lists.to_batches()
 
     return run
 
 
-def _pair_task(k: int) -> Callable[[pa.Table, pa.Table], pa.Table]:
-    """applyInArrow body: the partial top-k of one query block against one candidate block."""
+def _pair_task(k: int, blocks: Blocks) -> Callable[[pa.Table, pa.Table], pa.Table]:
+    """applyInArrow body: the partial top-k of one query group against one candidate group."""
 
     def run(queries: pa.Table, candidates: pa.Table) -> pa.Table:
-        return _query_lists(queries, [_sorted_candidates(candidates)], k)
+        # A group may hold no queries (its ids are sparse): concat needs at least one table.
+        return pa.concat_tables([ARROW_LIST_SCHEMA.empty_table(), *_tiled_lists(queries, _sorted_candidates(candidates), k, blocks)])
 
     return run
 
@@ -268,13 +294,15 @@ def _broadcast_lists(queries: DataFrame, candidates: DataFrame, *, k: int, block
 
 
 def _block_join_lists(queries: DataFrame, candidates: DataFrame, *, k: int, n_candidates: int, blocks: Blocks) -> DataFrame:
-    n_qb = max(1, math.ceil(queries.count() / blocks.queries))
-    n_cb = max(1, math.ceil(n_candidates / blocks.candidates))
-    # Each query row goes to every candidate block and each candidate to every query block,
-    # so the cogroup of (query block, candidate block) is the cross join of the blocks.
+    # At least one query group per core, so a small query side still spreads over the cluster.
+    parallelism = queries.sparkSession.sparkContext.defaultParallelism
+    n_qb = max(parallelism, math.ceil(queries.count() / blocks.join_queries))
+    n_cb = max(1, math.ceil(n_candidates / blocks.join_candidates))
+    # Each query row goes to every candidate group and each candidate to every query group,
+    # so the cogroup of (query group, candidate group) is the cross join of the groups.
     q = queries.select(Q, VEC, EXCLUDE, (F.col(Q) % n_qb).alias(QB), F.explode(F.sequence(F.lit(0), F.lit(n_cb - 1))).alias(CB))
     c = candidates.select(C, VEC, (F.col(C) % n_cb).alias(CB), F.explode(F.sequence(F.lit(0), F.lit(n_qb - 1))).alias(QB))
-    partial = q.groupBy(QB, CB).cogroup(c.groupBy(QB, CB)).applyInArrow(_pair_task(k), LIST_SCHEMA)
+    partial = q.groupBy(QB, CB).cogroup(c.groupBy(QB, CB)).applyInArrow(_pair_task(k, blocks), LIST_SCHEMA)
     best = Window.partitionBy(Q).orderBy(F.col(SCORE).desc(), F.col(C))
     ranked = partial.withColumn(RANK, F.row_number().over(best).cast(T.IntegerType()))
     return ranked.where(F.col(RANK) <= k).select(*LIST_SCHEMA.fieldNames())

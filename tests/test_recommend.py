@@ -75,8 +75,8 @@ def test_kernel_on_random_floats_with_a_sample_bound():
 
 def test_merge_ranks_zero_and_negative_zero_as_a_tie_by_id():
     vals, ids = np.full((1, 3), -np.inf, np.float32), np.full((1, 3), R.NO_ID, np.int32)
-    cand_vals = np.array([0.0, -0.0, 0.0], np.float32)
-    vals, ids = R._merge(vals, ids, np.zeros(3, np.int64), cand_vals, np.array([2, 0, 1], np.int32))
+    cand_vals = np.array([-0.0, 0.0, 0.0], np.float32)
+    vals, ids = R._merge(vals, ids, np.zeros(3, np.int64), cand_vals, np.array([0, 1, 2], np.int32))
     assert ids.tolist() == [[0, 1, 2]] and vals.tolist() == [[0.0, 0.0, 0.0]]
 
 
@@ -115,15 +115,24 @@ def tied_case(spark):
 @pytest.mark.parametrize("broadcast_max_mb", [64, 0], ids=["broadcast", "block_join"])
 def test_top_k_lists_match_brute_force(tied_case, broadcast_max_mb):
     queries, cands, excluded, (q, c) = tied_case
-    got = R.top_k_lists(q, c, k=6, broadcast_max_mb=broadcast_max_mb, blocks=R.Blocks(queries=8, candidates=5))
+    blocks = R.Blocks(queries=8, candidates=5, join_queries=16, join_candidates=10)
+    got = R.top_k_lists(q, c, k=6, broadcast_max_mb=broadcast_max_mb, blocks=blocks)
     want = {i: row for i, row in enumerate(brute_top_k(queries, cands, excluded, 6)) if row}
     assert as_lists(got, 6) == want
     assert 0 not in want and len(want[1]) == 2
 
 
+def test_block_join_with_a_query_group_left_empty(tied_case):
+    queries, cands, excluded, (q, c) = tied_case
+    # Even ids only, in as many query groups as cores (2): the odd group meets the candidates alone.
+    got = R.top_k_lists(q.where("_q % 2 = 0"), c, k=3, broadcast_max_mb=0, blocks=R.Blocks(join_queries=1000))
+    want = {i: row for i, row in enumerate(brute_top_k(queries, cands, excluded, 3)) if row and i % 2 == 0}
+    assert as_lists(got, 3) == want
+
+
 def test_broadcast_and_block_join_give_identical_lists(tied_case):
     _, _, _, (q, c) = tied_case
-    blocks = R.Blocks(queries=4, candidates=3)
+    blocks = R.Blocks(queries=4, candidates=3, join_queries=9, join_candidates=8)
     broadcast = R.top_k_lists(q, c, k=4, broadcast_max_mb=64, blocks=blocks)
     block_join = R.top_k_lists(q, c, k=4, broadcast_max_mb=0, blocks=blocks)
     assert_df_equality(broadcast, block_join, ignore_row_order=True, ignore_nullable=True)
@@ -237,7 +246,7 @@ def test_recommend_tables_use_original_ids_and_zero_disables_a_table(spark, mode
 
 TINY = [
     "input.synthetic.users=150", "input.synthetic.items=40", "input.synthetic.ratings=3000", "input.synthetic.rank=3",
-    "train.rank=4", "train.epochs=3", "output.top_n=5", "output.similar_items=3", "evaluate.k=4",
+    "train.rank=4", "train.epochs=3", "train.bias_rounds=1", "output.top_n=5", "output.similar_items=3", "evaluate.k=4",
 ]
 
 

@@ -1,0 +1,235 @@
+"""Benchmark of the blocked top-K: mfdist's top-10 against ALSModel.recommendForAllUsers(10) on the same factors.
+
+    python bench/topn.py [--users 200000] [--items 20000] [--rank 32] [--k 10] [--master local[2]]
+
+Random normal user and item factors are generated in Spark and written to
+parquet once; every method reads those files. The comparison is on pure dot
+products (``user_lists(..., biases=False)``, nothing excluded), the setting of
+recommendForAllUsers, which has no biases and no seen-item exclusion; ALS gets
+the factors through an ALSModel built on the factor frames (no training).
+
+Each method runs in its own Spark application (a child process of this script
+with the same master and driver memory), so its peak memory is its own: this
+process samples the resident memory (``/proc/<pid>/statm``) of the child's
+whole tree (Python driver, JVM, Python workers) every 0.1 s. Each child first
+runs its method on 1% of the users (JIT and Python worker start-up), then times
+the full run, ending in a parquet write of the lists. Then both list tables are
+joined in Spark and compared rank by rank: a position where the items differ is
+a tie when the two scores there agree to 1e-5 (relative), else a mismatch.
+The similar-items run (cosine over the same item factors) is timed the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pyspark.ml.recommendation import ALSModel  # noqa: E402
+from pyspark.sql import DataFrame, SparkSession  # noqa: E402
+from pyspark.sql import functions as F  # noqa: E402
+
+from mfdist import schema as S  # noqa: E402
+from mfdist.recommend import similar_item_lists, user_lists  # noqa: E402
+from mfdist.train import Model  # noqa: E402
+
+PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
+PHASES = ("data", "mfdist", "similar", "als", "compare")
+WARMUP_FRACTION = 0.01
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--users", type=int, default=200_000)
+    p.add_argument("--items", type=int, default=20_000)
+    p.add_argument("--rank", type=int, default=32)
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--master", default="local[2]")
+    p.add_argument("--driver-memory", default="16g")
+    p.add_argument("--partitions", type=int, default=0, help="partitions of each factor frame (default: 2 x cores)")
+    p.add_argument("--broadcast-max-mb", type=int, default=256)
+    p.add_argument("--work", default=None, help="scratch folder (default: a new temporary folder)")
+    p.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------- memory sampling from /proc
+
+
+def _rss_kb(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * PAGE_KB
+    except (FileNotFoundError, ProcessLookupError):  # the process ended between listing and reading
+        return 0
+
+
+def _parents() -> dict[int, int]:
+    out = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    out[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+    return out
+
+
+def tree_rss_kb(root: int) -> int:
+    """Summed RSS of ``root`` and every process under it."""
+    parents, found = _parents(), [root]
+    for pid in found:
+        found.extend(child for child, parent in parents.items() if parent == pid)
+    return sum(_rss_kb(p) for p in found)
+
+
+def run_child(args: argparse.Namespace, phase: str) -> tuple[dict, float]:
+    """Run ``phase`` in a child process; its JSON result line and the peak RSS (GB) of its process tree."""
+    argv = [sys.executable, __file__, "--phase", phase, "--work", args.work] + [
+        f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("phase", "work")
+    ]
+    child = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    peak = [0]
+
+    def sample() -> None:
+        while child.poll() is None:
+            peak[0] = max(peak[0], tree_rss_kb(child.pid))
+            time.sleep(0.1)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    out, _ = child.communicate()
+    sampler.join()
+    if child.returncode:
+        raise SystemExit(f"phase {phase} failed with exit code {child.returncode}")
+    return json.loads(out.strip().splitlines()[-1]), peak[0] / 2**20
+
+
+# ---------------------------------------------------------------- the phases (each in its own Spark application)
+
+
+def session(args: argparse.Namespace) -> SparkSession:
+    spark = (
+        SparkSession.builder.master(args.master)
+        .appName(f"bench-topn-{args.phase}")
+        .config("spark.driver.memory", args.driver_memory)
+        .config("spark.ui.enabled", "false")
+        .config("spark.ui.showConsoleProgress", "false")
+        .getOrCreate()
+    )
+    spark.sparkContext.setLogLevel("ERROR")
+    parts = args.partitions or 2 * spark.sparkContext.defaultParallelism
+    spark.conf.set("spark.sql.shuffle.partitions", str(parts))
+    return spark
+
+
+def random_factors(spark: SparkSession, n: int, rank: int, seed: int) -> DataFrame:
+    """id int, features array<float>: standard normal factors, generated in Spark."""
+    values = F.array(*[F.randn(seed * 1000 + j) for j in range(rank)]).cast("array<float>")
+    return spark.range(n).select(F.col("id").cast("int").alias("id"), values.alias("features"))
+
+
+def factors(spark: SparkSession, work: str, side: str) -> DataFrame:
+    parts = int(spark.conf.get("spark.sql.shuffle.partitions"))
+    return spark.read.parquet(f"{work}/{side}").repartition(parts)
+
+
+def als_lists(spark: SparkSession, users: DataFrame, items: DataFrame, rank: int, k: int) -> DataFrame:
+    """recommendForAllUsers(k) of an ALSModel built on the factor frames (id, features), as ALS.fit would."""
+    jvm = spark.sparkContext._jvm
+    java_model = jvm.org.apache.spark.ml.recommendation.ALSModel("bench", rank, users._jdf, items._jdf)
+    return ALSModel(java_model.setUserCol("user").setItemCol("item")).recommendForAllUsers(k)
+
+
+def mfdist_model(users: DataFrame, items: DataFrame, rank: int) -> Model:
+    def side(df: DataFrame, idx: str) -> DataFrame:
+        return df.select(F.col("id").alias(idx), F.lit(0.0).cast("float").alias(S.BIAS), F.col("features").alias(S.FACTORS))
+
+    return Model(mu=0.0, users=side(users, S.USER_IDX), items=side(items, S.ITEM_IDX), rank=rank)
+
+
+def method_lists(args: argparse.Namespace, users: DataFrame, items: DataFrame) -> DataFrame:
+    spark = users.sparkSession
+    if args.phase == "als":
+        return als_lists(spark, users, items, args.rank, args.k)
+    model = mfdist_model(users, items, args.rank)
+    if args.phase == "similar":
+        return similar_item_lists(model.items, k=args.k, broadcast_max_mb=args.broadcast_max_mb)
+    return user_lists(model, None, k=args.k, broadcast_max_mb=args.broadcast_max_mb, biases=False)
+
+
+def compare(spark: SparkSession, work: str) -> dict[str, int]:
+    """Rank-by-rank agreement of the two list tables (a Spark join; only counts reach the driver)."""
+    ours = spark.read.parquet(f"{work}/mfdist").select(
+        F.col(S.USER_IDX).alias("user"), "rank", F.col(S.ITEM_IDX).alias("ours"), F.col("score").alias("s_ours")
+    )
+    als = spark.read.parquet(f"{work}/als").select("user", F.posexplode("recommendations").alias("pos", "rec")).select(
+        "user", (F.col("pos") + 1).alias("rank"), F.col("rec.item").alias("als"), F.col("rec.rating").alias("s_als")
+    )
+    joined = ours.join(als, ["user", "rank"], "full_outer")
+    differ = F.col("ours") != F.col("als")
+    same_score = F.abs(F.col("s_ours") - F.col("s_als")) <= 1e-5 * F.greatest(F.abs("s_als"), F.lit(1.0))
+    row = joined.agg(
+        F.countDistinct("user").alias("users"),
+        F.count(F.lit(1)).alias("positions"),
+        F.sum((F.col("ours") == F.col("als")).cast("int")).alias("identical"),
+        F.sum((differ & same_score).cast("int")).alias("ties"),
+        F.sum((differ & ~same_score).cast("int")).alias("mismatched"),
+        F.sum((F.col("ours").isNull() | F.col("als").isNull()).cast("int")).alias("missing"),
+    ).first()
+    return {k: int(v or 0) for k, v in row.asDict().items()}
+
+
+def run_phase(args: argparse.Namespace) -> dict:
+    spark = session(args)
+    try:
+        if args.phase == "data":
+            random_factors(spark, args.users, args.rank, 1).write.parquet(f"{args.work}/users")
+            random_factors(spark, args.items, args.rank, 2).write.parquet(f"{args.work}/items")
+            return {}
+        if args.phase == "compare":
+            return compare(spark, args.work)
+        users, items = factors(spark, args.work, "users"), factors(spark, args.work, "items")
+        warm = users.where(F.col("id") < max(1, int(args.users * WARMUP_FRACTION)))
+        method_lists(args, warm, items).write.format("noop").mode("overwrite").save()
+        started = time.perf_counter()
+        method_lists(args, users, items).write.parquet(f"{args.work}/{args.phase}")
+        return {"seconds": time.perf_counter() - started}
+    finally:
+        spark.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.phase:
+        print(json.dumps(run_phase(args)))
+        return 0
+    args.work = args.work or tempfile.mkdtemp(prefix="bench-topn-")
+    print(f"{args.users} users x {args.items} items, rank {args.rank}, top-{args.k}; {args.master} on "
+          f"{os.cpu_count()} cores, driver memory {args.driver_memory}; scratch {args.work}", flush=True)
+    run_child(args, "data")
+    results = {}
+    for phase, label in (("mfdist", "mfdist user_lists (dot only)"), ("als", "ALS recommendForAllUsers"),
+                         ("similar", "mfdist similar_item_lists")):
+        out, peak_gb = run_child(args, phase)
+        results[phase] = (out["seconds"], peak_gb)
+        print(f"{label:<32} {out['seconds']:8.1f} s   peak RSS {peak_gb:6.2f} GB", flush=True)
+    agreement, _ = run_child(args, "compare")
+    print(f"lists: {agreement['users']} users, {agreement['positions']} positions: {agreement['identical']} identical, "
+          f"{agreement['ties']} differ on equal scores, {agreement['mismatched']} mismatched, {agreement['missing']} missing")
+    (t_ours, m_ours), (t_als, m_als) = results["mfdist"], results["als"]
+    print(f"mfdist vs recommendForAllUsers: {t_als / t_ours:.1f}x faster, peak RSS {m_ours / m_als:.2f} of its")
+    return 0 if agreement["mismatched"] == agreement["missing"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
