@@ -1,4 +1,4 @@
-"""Blocked top-K, recommendations and similar items against brute-force numpy; the stage in the job and its rerun."""
+"""The blocked top-K (mfdist.topk), recommendations and similar items against brute-force numpy; the stage and its rerun."""
 
 import dataclasses
 
@@ -10,6 +10,7 @@ from pyspark.sql import functions as F
 from mfdist import lake
 from mfdist import recommend as R
 from mfdist import schema as S
+from mfdist import topk as K
 from mfdist.config import load_config
 from mfdist.errors import ConfigError
 from mfdist.pipeline import run
@@ -40,7 +41,7 @@ def run_kernel(queries, cands, excluded, k, block):
     ex_ids = np.array([i for e in excluded for i in sorted(e)], np.int32)
     ids = np.arange(len(cands), dtype=np.int32)
     blocks = [(ids[s : s + block], cands[s : s + block]) for s in range(0, len(cands), block)]
-    return kernel_lists(*R.top_k(queries.astype(np.float32), ex_rows, ex_ids, blocks, k))
+    return kernel_lists(*K.top_k(queries.astype(np.float32), ex_rows, ex_ids, blocks, k))
 
 
 def integer_factors(rng, n, d):
@@ -74,9 +75,9 @@ def test_kernel_on_random_floats_with_a_sample_bound():
 
 
 def test_merge_ranks_zero_and_negative_zero_as_a_tie_by_id():
-    vals, ids = np.full((1, 3), -np.inf, np.float32), np.full((1, 3), R.NO_ID, np.int32)
+    vals, ids = np.full((1, 3), -np.inf, np.float32), np.full((1, 3), K.NO_ID, np.int32)
     cand_vals = np.array([-0.0, 0.0, 0.0], np.float32)
-    vals, ids = R._merge(vals, ids, np.zeros(3, np.int64), cand_vals, np.array([0, 1, 2], np.int32))
+    vals, ids = K._merge(vals, ids, np.zeros(3, np.int64), cand_vals, np.array([0, 1, 2], np.int32))
     assert ids.tolist() == [[0, 1, 2]] and vals.tolist() == [[0.0, 0.0, 0.0]]
 
 
@@ -115,7 +116,7 @@ def tied_case(spark):
 @pytest.mark.parametrize("broadcast_max_mb", [64, 0], ids=["broadcast", "block_join"])
 def test_top_k_lists_match_brute_force(tied_case, broadcast_max_mb):
     queries, cands, excluded, (q, c) = tied_case
-    blocks = R.Blocks(queries=8, candidates=5, join_queries=16, join_candidates=10)
+    blocks = K.Blocks(queries=8, candidates=5, join_queries=16, join_candidates=10)
     got = R.top_k_lists(q, c, k=6, broadcast_max_mb=broadcast_max_mb, blocks=blocks)
     want = {i: row for i, row in enumerate(brute_top_k(queries, cands, excluded, 6)) if row}
     assert as_lists(got, 6) == want
@@ -125,14 +126,14 @@ def test_top_k_lists_match_brute_force(tied_case, broadcast_max_mb):
 def test_block_join_with_a_query_group_left_empty(tied_case):
     queries, cands, excluded, (q, c) = tied_case
     # Even ids only, in as many query groups as cores (2): the odd group meets the candidates alone.
-    got = R.top_k_lists(q.where("_q % 2 = 0"), c, k=3, broadcast_max_mb=0, blocks=R.Blocks(join_queries=1000))
+    got = R.top_k_lists(q.where("_q % 2 = 0"), c, k=3, broadcast_max_mb=0, blocks=K.Blocks(join_queries=1000))
     want = {i: row for i, row in enumerate(brute_top_k(queries, cands, excluded, 3)) if row and i % 2 == 0}
     assert as_lists(got, 3) == want
 
 
 def test_broadcast_and_block_join_give_identical_lists(tied_case):
     _, _, _, (q, c) = tied_case
-    blocks = R.Blocks(queries=4, candidates=3, join_queries=9, join_candidates=8)
+    blocks = K.Blocks(queries=4, candidates=3, join_queries=9, join_candidates=8)
     broadcast = R.top_k_lists(q, c, k=4, broadcast_max_mb=64, blocks=blocks)
     block_join = R.top_k_lists(q, c, k=4, broadcast_max_mb=0, blocks=blocks)
     assert_df_equality(broadcast, block_join, ignore_row_order=True, ignore_nullable=True)
