@@ -72,8 +72,7 @@ class SplitConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    # dsgd (issue 3) is added once its trainer lands.
-    algorithm: Literal["als"] = "als"
+    algorithm: Literal["als", "dsgd"] = "als"
     rank: int = 10
     epochs: int = 10
     reg: float = 0.1

@@ -61,9 +61,13 @@ class Trainer(ABC):
 
 def make_trainer(cfg: Config) -> Trainer:
     """The trainer for ``train.algorithm``."""
-    from mfdist.train.als import ALSTrainer
+    if cfg.train.algorithm == "als":
+        from mfdist.train.als import ALSTrainer
 
-    return ALSTrainer(cfg)
+        return ALSTrainer(cfg)
+    from mfdist.train.dsgd import DSGDTrainer
+
+    return DSGDTrainer(cfg)
 
 
 def check_finite(model: Model) -> None:

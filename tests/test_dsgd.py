@@ -1,0 +1,241 @@
+"""DSGD: the block kernel against numpy, the stratum schedule, the Spark plan of a sub-epoch,
+the bold driver, resuming an interrupted run, and the job end to end with train.algorithm=dsgd."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from pyspark.sql import functions as F
+
+from mfdist import lake
+from mfdist import schema as S
+from mfdist.config import load_config
+from mfdist.errors import ConfigError
+from mfdist.pipeline import run
+from mfdist.split import random_split
+from mfdist.synth import generate_ratings
+from mfdist.train import kernel as K
+from mfdist.train import dsgd as D
+from mfdist.train import make_trainer
+
+# ---- kernel ---------------------------------------------------------------------------------
+
+
+def _random_block(rng: np.random.Generator, n_rows: int, n_cols: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    cells = rng.choice(n_rows * n_cols, size=n, replace=False)
+    return cells // n_cols, cells % n_cols, rng.integers(1, 6, size=n).astype(np.float32)
+
+
+def _side(rng: np.random.Generator, counts: np.ndarray, rank: int) -> K.Side:
+    reg, bias_reg = K.penalty_weights(counts, reg=0.05, bias_reg=1.0, exponent=0.6, mean_count=float(counts.mean()))
+    return K.Side((rng.standard_normal((len(counts), rank)) * 0.3).astype(np.float32), np.zeros(len(counts), np.float32), reg, bias_reg)
+
+
+def _copy(side: K.Side) -> K.Side:
+    return K.Side(*(a.copy() for a in side))
+
+
+@pytest.mark.parametrize("biases", [True, False])
+def test_kernel_matches_the_numpy_reference(monkeypatch, biases):
+    monkeypatch.setattr(K, "SUB_BLOCK_BYTES", 64)  # 16 x 16 sub-blocks, so the order matters
+    rng = np.random.default_rng(3)
+    rows, cols, vals = _random_block(rng, 50, 40, 400)
+    block = K.layout_block(rows, cols, vals, rank=4, seed=5)
+    assert block.n_sub > 4
+    P, Q = _side(rng, np.bincount(rows, minlength=50), 4), _side(rng, np.bincount(cols, minlength=40), 4)
+    P2, Q2, start = _copy(P), _copy(Q), P.vecs.copy()
+    for _ in range(3):
+        order = rng.permutation(block.n_sub)
+        K.sgd_block(block, order, P, Q, mu=3.0, lr=0.02, biases=biases)
+        K.sgd_block_numpy(block, order, P2, Q2, mu=3.0, lr=0.02, biases=biases)
+    for fast, slow in zip(P + Q, P2 + Q2):
+        np.testing.assert_allclose(fast, slow, atol=1e-5)
+    assert np.abs(P.vecs - start).max() > 0.01
+    assert np.any(P.bias != 0) == biases
+
+
+def test_layout_keeps_every_rating_in_sub_block_order_whatever_the_input_order(monkeypatch):
+    monkeypatch.setattr(K, "SUB_BLOCK_BYTES", 64)
+    rng = np.random.default_rng(1)
+    rows, cols, vals = _random_block(rng, 60, 60, 500)
+    block = K.layout_block(rows, cols, vals, rank=4, seed=9)
+    shuffled = rng.permutation(len(rows))
+    again = K.layout_block(rows[shuffled], cols[shuffled], vals[shuffled], rank=4, seed=9)
+    for a, b in zip(block, again):
+        np.testing.assert_array_equal(a, b)
+    assert sorted(zip(block.rows, block.cols, block.vals)) == sorted(zip(rows, cols, vals))
+    side = K.sub_block_side(4)
+    for s in range(block.n_sub):
+        lo, hi = block.offsets[s], block.offsets[s + 1]
+        assert hi > lo
+        assert len(set(block.rows[lo:hi] // side)) == 1 and len(set(block.cols[lo:hi] // side)) == 1
+
+
+def test_evaluate_block_is_the_objective_in_numpy():
+    rng = np.random.default_rng(2)
+    rows, cols, vals = _random_block(rng, 20, 30, 150)
+    block = K.RatingBlock(rows.astype(np.int32), cols.astype(np.int32), vals, np.array([0, len(vals)]))
+    P, Q = _side(rng, np.bincount(rows, minlength=20), 3), _side(rng, np.bincount(cols, minlength=30), 3)
+    P.bias[:] = rng.standard_normal(20)
+    pred = 3.5 + P.bias[rows] + Q.bias[cols] + np.einsum("ij,ij->i", P.vecs[rows], Q.vecs[cols])
+    err = K.evaluate_block(block, P, Q, mu=3.5, rating_range=[1.0, 5.0])
+    penalty = (P.reg * (P.vecs**2).sum(1) + P.bias_reg * P.bias**2)[rows] + (Q.reg * (Q.vecs**2).sum(1) + Q.bias_reg * Q.bias**2)[cols]
+    assert err.count == 150
+    assert err.sse == pytest.approx(((vals - pred) ** 2).sum(), rel=1e-4)
+    assert err.sse_clipped == pytest.approx(((vals - np.clip(pred, 1, 5)) ** 2).sum(), rel=1e-4)
+    assert err.penalty == pytest.approx(penalty.sum(), rel=1e-4)
+
+
+def test_penalty_weights():
+    reg, bias_reg = K.penalty_weights(np.array([0, 1, 4, 16]), reg=0.1, bias_reg=2.0, exponent=0.5, mean_count=4.0)
+    np.testing.assert_allclose(reg, [0.0, 0.2, 0.1, 0.05], rtol=1e-6)
+    np.testing.assert_allclose(bias_reg, [0.0, 2.0, 0.5, 0.125], rtol=1e-6)
+    flat, _ = K.penalty_weights(np.array([1, 9]), reg=0.1, bias_reg=0.0, exponent=1.0, mean_count=3.0)
+    np.testing.assert_allclose(flat, [0.1, 0.1], rtol=1e-6)
+
+
+# ---- schedule and Spark plan ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("d", [1, 2, 3, 5, 8])
+def test_strata_cover_every_block_once_per_epoch_and_never_share_a_row_or_column(d):
+    for epoch in range(1, 4):
+        order = D.strata_order(42, epoch, d)
+        assert sorted(order) == list(range(d))
+        blocks = [blk for s in order for blk in D.stratum_blocks(s, d)]
+        assert sorted(blocks) == [(b, c) for b in range(d) for c in range(d)]
+        for s in order:
+            held, moving = zip(*D.stratum_blocks(s, d))
+            assert len(set(held)) == d and len(set(moving)) == d
+            assert all(D.moving_partition(c, s, d) == b for b, c in D.stratum_blocks(s, d))
+    assert D.strata_order(42, 1, 8) != D.strata_order(42, 2, 8)
+
+
+def _lineage(jrdd) -> tuple[set[int], list[set[int]]]:
+    """Persisted RDD ids reachable from ``jrdd`` through narrow dependencies, and behind each shuffle."""
+    narrow: set[int] = set()
+    shuffles: list[set[int]] = []
+
+    def walk(rdd, found: set[int], top: bool) -> None:
+        if not top and rdd.getStorageLevel().useMemory():
+            found.add(rdd.id())
+            return
+        deps = rdd.dependencies()
+        for i in range(deps.size()):
+            dep = deps.apply(i)
+            if dep.getClass().getSimpleName() == "ShuffleDependency":
+                shuffles.append(set())
+                walk(dep.rdd(), shuffles[-1], False)
+            else:
+                walk(dep.rdd(), found, False)
+
+    walk(jrdd.rdd(), narrow, True)
+    return narrow, shuffles
+
+
+def test_a_sub_epoch_shuffles_only_the_moving_factor_blocks(spark):
+    sc, d, stratum = spark.sparkContext, 3, 2
+    ratings = D._zippable(sc.parallelize(range(d), d).map(lambda b: f"ratings of row {b}")).cache()
+    previous = D._zippable(
+        sc.parallelize(range(d), d).map(lambda b: (f"held {b}", D.FactorBlock((b + 1) % d, None, None, None)))
+    ).cache()
+    out = D.sub_epoch(ratings, previous, D.move(previous, stratum, d), lambda item: item)
+    got = out.glom().collect()
+    for b, [((rating, (held, _)), moving)] in enumerate(got):
+        assert (rating, held, moving.block) == (f"ratings of row {b}", f"held {b}", (b + stratum) % d)
+    narrow, shuffles = _lineage(out._jrdd)
+    # The ratings and the held blocks arrive through narrow zips; the one exchange carries the
+    # moving blocks out of the previous sub-epoch's output.
+    assert {ratings._jrdd.rdd().id(), previous._jrdd.rdd().id()} <= narrow
+    assert shuffles == [{previous._jrdd.rdd().id()}]
+
+
+# ---- the trainer on Spark -------------------------------------------------------------------
+
+
+def _config(tmp_path, run_id: str, *extra: str):
+    return load_config(None, [
+        "train.algorithm=dsgd", "train.rank=4", "train.epochs=2", "train.step_size=0.04", "train.reg=0.05",
+        f"run.checkpoint_dir={tmp_path}/ck", f"run.run_id={run_id}",
+        "input.synthetic.users=150", "input.synthetic.items=60", "input.synthetic.ratings=4000", "input.synthetic.rank=3",
+        *extra,
+    ])
+
+
+@pytest.fixture(scope="module")
+def planted(spark, tmp_path_factory):
+    cfg = _config(tmp_path_factory.mktemp("planted"), "planted")
+    ratings = generate_ratings(spark, cfg=cfg.input.synthetic, rating_range=cfg.input.rating_range, partitions=2)
+    indexed = ratings.select(F.col(S.USER_ID).cast("int").alias(S.USER_IDX), F.col(S.ITEM_ID).cast("int").alias(S.ITEM_IDX), S.RATING)
+    train, test = random_split(indexed, test_fraction=0.2, seed=1)
+    return train.cache(), test.cache()
+
+
+def _factors(model) -> dict[str, np.ndarray]:
+    """Both sides as dense arrays ordered by index (the test data is tiny)."""
+    out = {}
+    for name, frame, idx in (("users", model.users, S.USER_IDX), ("items", model.items, S.ITEM_IDX)):
+        pdf = frame.toPandas().sort_values(idx)
+        out[name] = np.column_stack([pdf[S.BIAS].to_numpy(), np.stack(pdf[S.FACTORS].to_numpy())])
+    return out
+
+
+def test_bold_driver_rolls_back_a_diverging_epoch(planted, tmp_path):
+    train, test = planted
+    cfg = _config(tmp_path, "diverge", "train.step_size=100.0")
+    records = make_trainer(cfg).fit(train, test=test).epochs
+    assert [r.step_size for r in records] == [100.0, 50.0]
+    assert all(not math.isfinite(r.loss) for r in records)
+    store = D.CheckpointStore(f"{tmp_path}/ck/diverge/dsgd")
+    state = store.read_state()
+    assert (state.epoch, state.kept_epoch, state.step_size) == (2, 0, 25.0)
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_an_interrupted_run_resumes_from_its_checkpoint_to_the_same_result(planted, tmp_path):
+    train, test = planted
+    whole = make_trainer(_config(tmp_path, "whole")).fit(train, test=test)
+
+    def stop_after_epoch_1(record):
+        if record.epoch == 1:
+            raise Interrupted
+
+    cfg = _config(tmp_path, "broken")
+    with pytest.raises(Interrupted):
+        make_trainer(cfg).fit(train, test=test, callback=stop_after_epoch_1)
+    resumed = make_trainer(cfg).fit(train, test=test)
+    assert [r.epoch for r in resumed.epochs] == [2]
+    assert resumed.epochs[0].loss == pytest.approx(whole.epochs[-1].loss, rel=1e-9)
+    for side, values in _factors(whole.model).items():
+        np.testing.assert_array_equal(_factors(resumed.model)[side], values)
+
+
+def test_a_checkpoint_with_another_layout_is_a_config_error(planted, tmp_path):
+    train, _ = planted
+    make_trainer(_config(tmp_path, "same", "train.epochs=1")).fit(train)
+    with pytest.raises(ConfigError, match="run.run_id same.*rank=4"):
+        make_trainer(_config(tmp_path, "same", "train.rank=5")).fit(train)
+
+
+def test_implicit_feedback_is_refused_with_a_pointer_to_als(tmp_path):
+    with pytest.raises(ConfigError, match="train.algorithm.*als"):
+        make_trainer(_config(tmp_path, "implicit", "input.implicit=true"))
+
+
+def test_the_job_publishes_dsgd_factors(spark, tmp_path):
+    cfg = _config(tmp_path, "job", f"output.root={tmp_path}/lake", "output.top_n=3", "output.similar_items=2", "evaluate.k=3")
+    result = run(spark, cfg)
+    assert result.record.status == "succeeded"
+    runs = lake.read_table(spark, cfg.output.root, S.RUNS).first()
+    assert runs.algorithm == "dsgd"
+    users = lake.read_table(spark, cfg.output.root, S.USER_FACTORS)
+    assert users.count() == result.model.users.count() > 0
+    assert users.where(F.size(S.FACTORS) != 4).count() == 0
+    epochs = lake.read_table(spark, cfg.output.root, S.EPOCHS).where(F.col("stage") == "train")
+    assert sorted(r.epoch for r in epochs.collect()) == [1, 2]
+    assert result.metrics[("evaluate", "rmse")] < 1.0
