@@ -2,12 +2,12 @@
 
     python bench/refine.py [--datasets ml100k synthetic] [--noise 0.1] [--set key=value ...]
 
-Per dataset the model is trained once (``conf/local.yaml``: ALS rank 10, 10
-iterations, or as ``--set`` says). Every refine variant (``top_active`` and
-``random`` blocks on the CPU, ``top_active`` on CUDA when torch sees a GPU)
-then runs on two starts: the ALS model, and the ALS model with uniform noise
-added to its factors (a stand-in for an under-trained or early-stopped
-trainer). Printed per variant: the block's validation RMSE before/after (what
+Per dataset and sampling strategy (``top_active`` and ``random`` blocks on the
+CPU, ``top_active`` on CUDA when torch sees a GPU) the block is planned first and
+the model trained without the block's validation ratings, as the job does
+(``conf/local.yaml`` settings, or as ``--set`` says). Each variant then runs on
+two starts: the trained model, and the trained model with uniform noise added to
+its factors (a stand-in for an under-trained or early-stopped trainer). Printed per variant: the block's validation RMSE before/after (what
 acceptance uses), whether it was merged, the test split's RMSE on the block's
 (user, item) pairs and on the whole test set before/after merging (both held
 out from training and refinement), and refinement epochs/s. The gate
@@ -58,8 +58,8 @@ DATASETS = {
 }
 
 
-def prepare(spark: SparkSession, cfg: Config) -> tuple[DataFrame, DataFrame, Model]:
-    """Indexed train and test splits and the trained model, as the pipeline builds them."""
+def prepare(spark: SparkSession, cfg: Config) -> tuple[DataFrame, DataFrame]:
+    """Indexed train and test splits, as the pipeline builds them."""
     train_in = ingest(spark, cfg.input)
     test_in = ingest(spark, cfg.input, path=cfg.split.test_path) if cfg.split.method == "file" else None
     everything = train_in.ratings if test_in is None else train_in.ratings.unionByName(test_in.ratings)
@@ -71,8 +71,7 @@ def prepare(spark: SparkSession, cfg: Config) -> tuple[DataFrame, DataFrame, Mod
         train, test = split(indexed, method=cfg.split.method, test_fraction=cfg.split.test_fraction, seed=cfg.run.seed)
     else:
         train, test = indexed, apply_index(test_in.ratings, users, items).select(*cols)
-    train, test = train.cache(), test.cache()
-    return train, test, make_trainer(cfg).fit(train).model
+    return train.cache(), test.cache()
 
 
 def in_block(test: DataFrame, users: DataFrame, items: DataFrame) -> DataFrame:
@@ -98,36 +97,33 @@ def variant(cfg: Config, *, strategy: str, **refine_keys: object) -> Config:
     return dataclasses.replace(cfg, refine=dataclasses.replace(cfg.refine, sample=sample, **refine_keys))
 
 
-def bench_start(train: DataFrame, test: DataFrame, model: Model, cfg: Config, label: str) -> None:
-    """One row per refine variant on the same starting ``model``."""
+def bench_start(test: DataFrame, plan: R.BlockPlan, model: Model, cfg: Config, label: str) -> None:
+    """One row: refine ``plan``'s block of ``model`` with ``cfg``; the block's and the whole test RMSE before/after."""
     lo_hi = cfg.input.rating_range
     base_rmse = rating_metrics(test, model, rating_range=lo_hi)["rmse"]
-    variants = [("top_active", "cpu"), ("random", "cpu")] + ([("top_active", "cuda")] if torch.cuda.is_available() else [])
-    for strategy, device in variants:
-        started = time.perf_counter()
-        result = refine(train, model, variant(cfg, strategy=strategy, device=device))
-        seconds = time.perf_counter() - started
-        m = result.metrics
-        block_test = in_block(test, result.block_users, result.block_items).cache()
-        tb_before = rating_metrics(block_test, model, rating_range=lo_hi)["rmse"]
-        tb_after = rating_metrics(block_test, result.model, rating_range=lo_hi)["rmse"]
-        all_after = rating_metrics(test, result.model, rating_range=lo_hi)["rmse"]
-        epoch_s = sum(e.seconds for e in result.epochs)
-        print(f"{label:<12} {strategy + ' ' + device:<16} {int(m['users']):>5} x {int(m['items']):<5} {int(m['ratings']):>8,} "
-              f"{m['rmse_before']:>7.4f}->{m['rmse_after']:.4f} {'yes' if m['accepted'] else 'no':>6} "
-              f"{tb_before:>7.4f}->{tb_after:.4f} {base_rmse:>7.4f}->{all_after:.4f} "
-              f"{len(result.epochs):>6} {len(result.epochs) / epoch_s:>8.1f} {seconds:>6.1f}")
-        block_test.unpersist()
+    started = time.perf_counter()
+    result = refine(plan, model, cfg)
+    seconds = time.perf_counter() - started
+    m = result.metrics
+    block_test = in_block(test, plan.users, plan.items).cache()
+    tb_before = rating_metrics(block_test, model, rating_range=lo_hi)["rmse"]
+    tb_after = rating_metrics(block_test, result.model, rating_range=lo_hi)["rmse"]
+    all_after = rating_metrics(test, result.model, rating_range=lo_hi)["rmse"]
+    epoch_s = sum(e.seconds for e in result.epochs)
+    variant_name = f"{cfg.refine.sample.strategy} {cfg.refine.device}"
+    print(f"{label:<12} {variant_name:<16} {int(m['users']):>5} x {int(m['items']):<5} {int(m['ratings']):>8,} "
+          f"{m['rmse_before']:>7.4f}->{m['rmse_after']:.4f} {'yes' if m['accepted'] else 'no':>6} "
+          f"{tb_before:>7.4f}->{tb_after:.4f} {base_rmse:>7.4f}->{all_after:.4f} "
+          f"{len(result.epochs):>6} {len(result.epochs) / epoch_s:>8.1f} {seconds:>6.1f}")
+    block_test.unpersist()
 
 
-def gate_diagnostic(train: DataFrame, test: DataFrame, model: Model, cfg: Config, *, epochs: int) -> None:
+def gate_diagnostic(test: DataFrame, plan: R.BlockPlan, model: Model, cfg: Config, *, epochs: int) -> None:
     """Validation RMSE (the acceptance gate) next to the held-out test RMSE of the block, epoch by epoch, no early stop."""
     r = cfg.refine
-    users, items = R.sample_block(train, model, cfg)
-    block = R.gather_block(train, model, users=users, items=items, max_ratings=r.sample.max_ratings)
-    data = R.block_tensors(block, R.validation_mask(len(block.ratings), fraction=r.validation_fraction, seed=cfg.run.seed),
-                           torch.device("cpu"))
-    pairs = in_block(test, users, items).toPandas()
+    block = R.gather_block(plan, model, max_ratings=r.sample.max_ratings)
+    data = R.block_tensors(block, torch.device("cpu"))
+    pairs = in_block(test, plan.users, plan.items).toPandas()
     test_rows = torch.from_numpy(np.searchsorted(block.users.idx, pairs[S.USER_IDX].to_numpy()))
     test_cols = torch.from_numpy(np.searchsorted(block.items.idx, pairs[S.ITEM_IDX].to_numpy()))
     test_y = torch.from_numpy(pairs[S.RATING].to_numpy(np.float32))
@@ -157,15 +153,24 @@ def gate_diagnostic(train: DataFrame, test: DataFrame, model: Model, cfg: Config
 
 
 def bench_dataset(spark: SparkSession, name: str, cfg: Config, *, noise: float, diagnostic_epochs: int) -> None:
-    started = time.perf_counter()
-    train, test, model = prepare(spark, cfg)
-    print(f"\n== {name}: {train.count():,} train / {test.count():,} test ratings, ALS rank {cfg.train.rank} x "
-          f"{cfg.train.epochs} iterations in {time.perf_counter() - started:.0f} s")
+    train, test = prepare(spark, cfg)
+    print(f"\n== {name}: {train.count():,} train / {test.count():,} test ratings, {cfg.train.algorithm} rank "
+          f"{cfg.train.rank} x {cfg.train.epochs} epochs, trained once per sampling strategy")
     print(f"{'start':<12} {'variant':<16} {'block':>13} {'ratings':>8} {'validation RMSE':>16} {'merged':>6} "
           f"{'test-in-block RMSE':>18} {'full test RMSE':>16} {'epochs':>6} {'epochs/s':>8} {'s':>6}")
-    bench_start(train, test, model, cfg, "als")
-    bench_start(train, test, perturbed(model, scale=noise, seed=cfg.run.seed), cfg, f"als+noise{noise:g}")
-    gate_diagnostic(train, test, model, variant(cfg, strategy="top_active", device="cpu"), epochs=diagnostic_epochs)
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    trained = {}
+    for strategy in ("top_active", "random"):
+        plan = R.plan_block(train, variant(cfg, strategy=strategy))
+        model = make_trainer(cfg).fit(plan.trainer_ratings).model
+        trained[strategy] = plan, model
+        noisy = perturbed(model, scale=noise, seed=cfg.run.seed)
+        for device in devices if strategy == "top_active" else ["cpu"]:
+            run_cfg = variant(cfg, strategy=strategy, device=device)
+            bench_start(test, plan, model, run_cfg, cfg.train.algorithm)
+            bench_start(test, plan, noisy, run_cfg, f"+noise{noise:g}")
+    plan, model = trained["top_active"]
+    gate_diagnostic(test, plan, model, variant(cfg, strategy="top_active", device="cpu"), epochs=diagnostic_epochs)
 
 
 def main(argv: list[str] | None = None) -> int:

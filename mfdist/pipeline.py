@@ -26,6 +26,7 @@ from mfdist.publish import Publisher, RunRecord, epochs_frame, factor_table, met
 from mfdist.recommend import recommend
 from mfdist.reindex import apply_index, build_index, check_capacity
 from mfdist.report import build_report
+from mfdist.session import release_cached
 from mfdist.split import split
 from mfdist.train import EpochRecord, Model, make_trainer
 
@@ -88,11 +89,8 @@ def _index(spark: SparkSession, cfg: Config, ids: DataFrame, *, id_col: str, idx
 def run(spark: SparkSession, cfg: Config) -> RunResult:
     """Run every stage for ``cfg`` and publish the run; on failure the run is recorded as failed."""
     spark.sparkContext.setCheckpointDir(cfg.run.checkpoint_dir)
-    # Start from an empty cache, so repeated runs in one session (notebooks, tests) don't pile up
-    # blocks: cached DataFrames and the RDDs MLlib persists internally (ALS factor blocks).
-    spark.catalog.clearCache()
-    for rdd in spark.sparkContext._jsc.getPersistentRDDs().values():
-        rdd.unpersist(False)
+    # Start from an empty cache, so repeated runs in one session (notebooks, tests) don't pile up blocks.
+    release_cached(spark)
     publisher = Publisher(spark, cfg)
     record = publisher.begin()
     metrics = Metrics()
@@ -143,19 +141,24 @@ def run(spark: SparkSession, cfg: Config) -> RunResult:
                 n_train / e.seconds if e.seconds else 0.0,
             )
 
+        plan = None
+        if cfg.refine.enabled:
+            # Imported here so torch loads only when the stage runs. The block is sampled before
+            # training so that its validation ratings can be kept from the trainer.
+            from mfdist.refine import plan_block, refine
+
+            plan = plan_block(train, cfg)
+
         with metrics.timed("train") as info:
-            model = make_trainer(cfg).fit(train, test=test, callback=on_epoch).model
+            model = make_trainer(cfg).fit(plan.trainer_ratings if plan else train, test=test, callback=on_epoch).model
             info.update(algorithm=cfg.train.algorithm, rank=model.rank, mu=round(model.mu, 4))
         # jobs/recommend.py rescores a published run with it.
         metrics.add("train", "mu", model.mu)
 
         refined = None
-        if cfg.refine.enabled:
-            # Imported here so torch loads only when the stage runs.
-            from mfdist.refine import refine
-
+        if plan:
             with metrics.timed("refine") as info:
-                refined = refine(train, model, cfg, callback=lambda e: epochs.append(_epoch_row("refine", e)))
+                refined = refine(plan, model, cfg, callback=lambda e: epochs.append(_epoch_row("refine", e)))
                 model = refined.model
                 for name, value in refined.metrics.items():
                     metrics.add("refine", name, value)

@@ -1,17 +1,22 @@
 """Stage 5, refine: fine-tune a sampled block of the model with torch; merge it back where it generalizes.
 
-Inputs: the indexed training ratings (user_idx, item_idx, rating) and the trained
-:class:`~mfdist.train.Model`. Steps:
+The stage has two halves around training. Before it, :func:`plan_block`:
 
-1. Sample ``refine.sample.users`` users and ``refine.sample.items`` items among
-   those with factors: ``top_active`` takes the most ratings in train (where
-   most traffic is), ``random`` a uniform draw seeded by ``run.seed``.
-2. Count the block's training ratings in Spark and refuse a block over
-   ``refine.sample.max_ratings`` before anything is collected; then bring only
+1. Samples ``refine.sample.users`` users and ``refine.sample.items`` items of the
+   training ratings: ``top_active`` takes those with the most ratings (where most
+   traffic is), ``random`` a uniform draw seeded by ``run.seed``.
+2. Flags a seeded share (``refine.validation_fraction``, by a hash of the pair) of
+   the block's ratings as validation; the trainer fits everything else
+   (:attr:`BlockPlan.trainer_ratings`), so the factors refinement starts from
+   have never seen the validation ratings and the acceptance gate below compares
+   held-out errors, not training errors.
+
+After training, :func:`refine`:
+
+3. Counts the block's ratings in Spark and refuses a block over
+   ``refine.sample.max_ratings`` before anything is collected; then brings only
    the block to the driver: its ratings and its users' and items' biases and
    factors (all bounded by config).
-3. Split the block's ratings into fit and validation parts (seeded,
-   ``refine.validation_fraction``).
 4. Fit ``mu + b_u + b_i + p_u . q_i``, initialized from the trained factors,
    with full-batch (or 65,536-rating mini-batch) Adam on
    ``mean((r - r_hat)^2) + train.reg * mean(|p_u|^2 + |q_i|^2)
@@ -72,6 +77,7 @@ MLP_DROPOUT = 0.1
 MLP_WEIGHT_DECAY = 1e-4
 MLP_WEIGHTS = "refine_mlp.pt"
 MLP_CONFIG = "refine_mlp.json"
+HELD_OUT = "_held_out"
 
 
 class RefineError(ConfigError):
@@ -96,6 +102,7 @@ class Block:
     rows: np.ndarray
     cols: np.ndarray
     ratings: np.ndarray
+    held_out: np.ndarray  # bool: the validation ratings (unseen by the trainer)
 
 
 @dataclass(frozen=True)
@@ -138,9 +145,9 @@ def resolve_device(setting: str) -> torch.device:
     return torch.device(setting)
 
 
-def sample_ids(ratings: DataFrame, model_side: DataFrame, *, idx_col: str, n: int, strategy: str, seed: int) -> list[int]:
-    """The block's ``n`` indices on one side (users or items with factors): most rated first, or a seeded uniform draw."""
-    counts = ratings.groupBy(idx_col).agg(F.count(F.lit(1)).alias("_n")).join(model_side.select(idx_col), idx_col)
+def sample_ids(ratings: DataFrame, *, idx_col: str, n: int, strategy: str, seed: int) -> list[int]:
+    """The block's ``n`` indices on one side of ``ratings``: most rated first, or a seeded uniform draw."""
+    counts = ratings.groupBy(idx_col).agg(F.count(F.lit(1)).alias("_n"))
     if strategy == "top_active":
         order = [F.col("_n").desc(), F.col(idx_col)]
     else:
@@ -153,35 +160,59 @@ def ids_frame(spark: SparkSession, ids: list[int], idx_col: str) -> DataFrame:
     return spark.createDataFrame([(i,) for i in ids], T.StructType([T.StructField(idx_col, T.IntegerType(), False)]))
 
 
+@dataclass(frozen=True)
+class BlockPlan:
+    """The block, sampled before training, and the training ratings with its validation part flagged.
+
+    The trainer fits :attr:`trainer_ratings`, so the block's validation ratings are unseen
+    by the factors that refinement starts from, and the acceptance gate is out of sample.
+    """
+
+    users: DataFrame  # user_idx of the block (refine.sample.users rows at most)
+    items: DataFrame  # item_idx of the block
+    ratings: DataFrame  # user_idx, item_idx, rating, _held_out
+
+    @property
+    def trainer_ratings(self) -> DataFrame:
+        """The training ratings without the block's validation part."""
+        return self.ratings.where(~F.col(HELD_OUT)).drop(HELD_OUT)
+
+
+def plan_block(train: DataFrame, cfg: Config) -> BlockPlan:
+    """Sample the block from ``train`` (refine.sample.*) and flag a seeded share of its ratings for validation."""
+    r, seed = cfg.refine, cfg.run.seed
+    spark = train.sparkSession
+    users, items = (
+        ids_frame(spark, sample_ids(train, idx_col=idx, n=n, strategy=r.sample.strategy, seed=seed), idx)
+        for idx, n in ((S.USER_IDX, r.sample.users), (S.ITEM_IDX, r.sample.items))
+    )
+    # A hash of (seed, user, item) rather than a row position: the flag does not depend on partitioning.
+    share = F.pmod(F.xxhash64(F.lit(seed), F.lit(HELD_OUT), F.col(S.USER_IDX), F.col(S.ITEM_IDX)), F.lit(1 << 20)) / float(1 << 20)
+    flagged = (
+        train.select(S.USER_IDX, S.ITEM_IDX, S.RATING)
+        .join(F.broadcast(users.withColumn("_in_u", F.lit(True))), S.USER_IDX, "left")
+        .join(F.broadcast(items.withColumn("_in_i", F.lit(True))), S.ITEM_IDX, "left")
+        .select(
+            S.USER_IDX, S.ITEM_IDX, S.RATING,
+            (F.col("_in_u").isNotNull() & F.col("_in_i").isNotNull() & (share < r.validation_fraction)).alias(HELD_OUT),
+        )
+    )
+    return BlockPlan(users, items, flagged)
+
+
 def _collect_side(model_side: DataFrame, ids: DataFrame, idx_col: str) -> Side:
     """The sampled rows of a model side, sorted by index (bounded by refine.sample.*)."""
     pdf = model_side.join(F.broadcast(ids), idx_col).select(idx_col, S.BIAS, S.FACTORS).toPandas().sort_values(idx_col)
     return Side(
         idx=pdf[idx_col].to_numpy(np.int64),
         bias=pdf[S.BIAS].to_numpy(np.float32),
-        factors=np.stack(pdf[S.FACTORS].to_numpy()).astype(np.float32),
+        factors=np.stack(pdf[S.FACTORS].to_numpy()).astype(np.float32) if len(pdf) else np.zeros((0, 0), np.float32),
     )
 
 
-def sample_block(train: DataFrame, model: Model, cfg: Config) -> tuple[DataFrame, DataFrame]:
-    """The sampled user_idx and item_idx frames of the block (refine.sample.*)."""
-    r = cfg.refine.sample
-
-    def side(model_side: DataFrame, idx_col: str, n: int) -> DataFrame:
-        ids = sample_ids(train, model_side, idx_col=idx_col, n=n, strategy=r.strategy, seed=cfg.run.seed)
-        return ids_frame(train.sparkSession, ids, idx_col)
-
-    return side(model.users, S.USER_IDX, r.users), side(model.items, S.ITEM_IDX, r.items)
-
-
-def gather_block(train: DataFrame, model: Model, *, users: DataFrame, items: DataFrame, max_ratings: int) -> Block:
-    """Count the block's training ratings (refusing more than ``max_ratings``), then collect the block.
-
-    ``users`` and ``items`` are the sampled indices (frames from :func:`ids_frame`).
-    """
-    ratings = (
-        train.join(F.broadcast(users), S.USER_IDX).join(F.broadcast(items), S.ITEM_IDX).select(S.USER_IDX, S.ITEM_IDX, S.RATING)
-    )
+def gather_block(plan: BlockPlan, model: Model, *, max_ratings: int) -> Block:
+    """Count the block's ratings (refusing more than ``max_ratings``), then collect the block to the driver."""
+    ratings = plan.ratings.join(F.broadcast(plan.users), S.USER_IDX).join(F.broadcast(plan.items), S.ITEM_IDX)
     n = ratings.count()
     if n > max_ratings:
         raise RefineError(
@@ -189,30 +220,27 @@ def gather_block(train: DataFrame, model: Model, *, users: DataFrame, items: Dat
             f"refine.sample.max_ratings={max_ratings:,}; lower refine.sample.users or refine.sample.items, "
             "or raise refine.sample.max_ratings if the block fits the device memory"
         )
-    user_side, item_side = _collect_side(model.users, users, S.USER_IDX), _collect_side(model.items, items, S.ITEM_IDX)
-    pdf = ratings.toPandas()
-    # Partition order is not deterministic; sorting makes the seeded fit/validation split reproducible.
+    user_side, item_side = _collect_side(model.users, plan.users, S.USER_IDX), _collect_side(model.items, plan.items, S.ITEM_IDX)
+    pdf = ratings.select(S.USER_IDX, S.ITEM_IDX, S.RATING, HELD_OUT).toPandas()
+    # A user or item whose only ratings were held out has no factors: its ratings cannot be refined.
+    pdf = pdf[np.isin(pdf[S.USER_IDX], user_side.idx) & np.isin(pdf[S.ITEM_IDX], item_side.idx)]
+    # Partition order is not deterministic; sorting makes the fit order reproducible.
     pdf = pdf.sort_values([S.USER_IDX, S.ITEM_IDX], kind="stable")
+    held_out = pdf[HELD_OUT].to_numpy(bool)
+    if held_out.all() or not held_out.any():
+        raise RefineError(
+            f"refine.sample: the sampled block holds {len(pdf)} ratings with factors, {int(held_out.sum())} of them "
+            "for validation: too few to fit and validate; raise refine.sample.users, refine.sample.items or "
+            "refine.validation_fraction, or use refine.sample.strategy=top_active"
+        )
     return Block(
         users=user_side,
         items=item_side,
         rows=np.searchsorted(user_side.idx, pdf[S.USER_IDX].to_numpy()),
         cols=np.searchsorted(item_side.idx, pdf[S.ITEM_IDX].to_numpy()),
         ratings=pdf[S.RATING].to_numpy(np.float32),
+        held_out=held_out,
     )
-
-
-def validation_mask(n: int, *, fraction: float, seed: int) -> np.ndarray:
-    """A seeded boolean mask of the validation ratings; both parts get at least one rating."""
-    if n < 2:
-        raise RefineError(
-            f"refine.sample: the sampled block holds {n} training ratings, too few to fit and validate; "
-            "raise refine.sample.users or refine.sample.items, or use refine.sample.strategy=top_active"
-        )
-    n_val = min(max(1, round(n * fraction)), n - 1)
-    mask = np.zeros(n, dtype=bool)
-    mask[np.random.default_rng(seed).permutation(n)[:n_val]] = True
-    return mask
 
 
 class DotModel(torch.nn.Module):
@@ -337,7 +365,7 @@ class BlockTensors:
     val: torch.Tensor
 
 
-def block_tensors(block: Block, mask: np.ndarray, device: torch.device) -> BlockTensors:
+def block_tensors(block: Block, device: torch.device) -> BlockTensors:
     def t(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(a)).to(device)
 
@@ -345,8 +373,8 @@ def block_tensors(block: Block, mask: np.ndarray, device: torch.device) -> Block
         rows=t(block.rows.astype(np.int64)),
         cols=t(block.cols.astype(np.int64)),
         y=t(block.ratings),
-        fit=t(np.flatnonzero(~mask)),
-        val=t(np.flatnonzero(mask)),
+        fit=t(np.flatnonzero(~block.held_out)),
+        val=t(np.flatnonzero(block.held_out)),
     )
 
 
@@ -458,15 +486,14 @@ def merged_model(spark: SparkSession, model: Model, block: Block, dot: DotModel)
     )
 
 
-def refine(train: DataFrame, model: Model, cfg: Config, *, callback: EpochCallback | None = None) -> RefineResult:
-    """Sample, refine and (when validation RMSE improves) merge a block of ``model``; see the module docstring."""
-    r, seed = cfg.refine, cfg.run.seed
-    spark = train.sparkSession
+def refine(plan: BlockPlan, model: Model, cfg: Config, *, callback: EpochCallback | None = None) -> RefineResult:
+    """Refine the block of ``plan`` in ``model`` (trained on ``plan.trainer_ratings``) and merge it when validation RMSE improves."""
+    r = cfg.refine
+    spark = plan.ratings.sparkSession
     device = resolve_device(r.device)
     log.info("refine: device=%s%s", device, f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
-    users, items = sample_block(train, model, cfg)
-    block = gather_block(train, model, users=users, items=items, max_ratings=r.sample.max_ratings)
-    data = block_tensors(block, validation_mask(len(block.ratings), fraction=r.validation_fraction, seed=seed), device)
+    block = gather_block(plan, model, max_ratings=r.sample.max_ratings)
+    data = block_tensors(block, device)
     log.info("refine: block of %d users x %d items, %d ratings (%d fit, %d validation), strategy=%s",
              len(block.users.idx), len(block.items.idx), len(block.ratings), len(data.fit), len(data.val), r.sample.strategy)
 
@@ -481,6 +508,7 @@ def refine(train: DataFrame, model: Model, cfg: Config, *, callback: EpochCallba
         "users": len(block.users.idx),
         "items": len(block.items.idx),
         "ratings": len(block.ratings),
+        "validation_ratings": int(block.held_out.sum()),
         "device_cuda": float(device.type == "cuda"),
         "accepted": float(accepted),
     }
@@ -493,4 +521,4 @@ def refine(train: DataFrame, model: Model, cfg: Config, *, callback: EpochCallba
         where = save_head(spark, head, head_outcome, cfg, dot_rmse=outcome.rmse_after)
         log.info("refine: mlp head validation rmse %.4f (dot product %.4f); weights in %s",
                  head_outcome.rmse_after, outcome.rmse_after, where)
-    return RefineResult(model, metrics, outcome.epochs, str(device), accepted, users, items)
+    return RefineResult(model, metrics, outcome.epochs, str(device), accepted, plan.users, plan.items)

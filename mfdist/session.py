@@ -24,3 +24,10 @@ def build_session(cfg: Config) -> SparkSession:
     spark.sparkContext.setLogLevel("WARN")
     logging.getLogger("py4j").setLevel(logging.WARNING)
     return spark
+
+
+def release_cached(spark: SparkSession) -> None:
+    """Drop every cached DataFrame and persisted RDD (MLlib's ALS factor blocks included)."""
+    spark.catalog.clearCache()
+    for rdd in spark.sparkContext._jsc.getPersistentRDDs().values():
+        rdd.unpersist(False)

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 from pyspark.sql import SparkSession
 
+from mfdist.session import release_cached
+
 REPO = Path(__file__).resolve().parents[1]
 ML100K = (REPO / ".." / "shared" / "data" / "ml-100k").resolve()
 
@@ -29,11 +31,27 @@ def spark(tmp_path_factory: pytest.TempPathFactory) -> SparkSession:
         .config("spark.driver.memory", "4g")
         .config("spark.sql.sources.partitionColumnTypeInference.enabled", "false")
         .config("spark.sql.execution.arrow.pyspark.enabled", "true")
+        # The status store keeps plans and task data of past jobs even with the UI off; a
+        # long suite in one JVM would fill the heap with them.
+        .config("spark.sql.ui.retainedExecutions", "20")
+        .config("spark.ui.retainedJobs", "50")
+        .config("spark.ui.retainedStages", "50")
+        .config("spark.ui.retainedTasks", "2000")
+        .config("spark.ui.dagGraph.retainedRootRDDs", "50")
         .getOrCreate()
     )
     session.sparkContext.setLogLevel("ERROR")
     session.sparkContext.setCheckpointDir(str(tmp_path_factory.mktemp("checkpoints")))
     return session
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_cached_data():
+    """Drop what a test module cached (DataFrames and MLlib's persisted RDDs) when it ends."""
+    yield
+    session = SparkSession.getActiveSession()
+    if session is not None:
+        release_cached(session)
 
 
 @pytest.fixture(scope="session")

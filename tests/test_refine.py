@@ -18,7 +18,7 @@ from mfdist.config import Config, load_config
 from mfdist.errors import ConfigError
 from mfdist.pipeline import run
 from mfdist.publish import factor_table
-from mfdist.refine import MLP_CONFIG, MLP_WEIGHTS, RefineError, ResidualMLP, refine, sample_ids, validation_mask
+from mfdist.refine import HELD_OUT, MLP_CONFIG, MLP_WEIGHTS, RefineError, ResidualMLP, plan_block, refine, sample_ids
 from mfdist.train import Model
 
 USERS, ITEMS, RANK, MU = 60, 40, 4, 3.0
@@ -69,7 +69,8 @@ def ids(frame: DataFrame, col: str) -> set[int]:
 
 def test_refinement_of_undertrained_factors_improves_and_replaces_exactly_the_block(spark, tmp_path):
     ratings, model = planted(spark, factor_noise=0.3, rating_noise=0.05)
-    result = refine(ratings, model, config(tmp_path))
+    cfg = config(tmp_path)
+    result = refine(plan_block(ratings, cfg), model, cfg)
 
     m = result.metrics
     assert m["accepted"] == 1.0
@@ -99,7 +100,8 @@ def test_refinement_of_undertrained_factors_improves_and_replaces_exactly_the_bl
 def test_refinement_that_does_not_improve_is_not_merged(spark, tmp_path):
     # Exact factors on noiseless ratings: any step away from them raises the validation RMSE.
     ratings, model = planted(spark, factor_noise=0.0, rating_noise=0.0)
-    result = refine(ratings, model, config(tmp_path, "refine.epochs=5", "refine.patience=2"))
+    cfg = config(tmp_path, "refine.epochs=5", "refine.patience=2")
+    result = refine(plan_block(ratings, cfg), model, cfg)
 
     assert result.metrics["accepted"] == 0.0
     assert result.metrics["rmse_after"] == result.metrics["rmse_before"] < 1e-5
@@ -112,14 +114,15 @@ def test_refinement_that_does_not_improve_is_not_merged(spark, tmp_path):
 def test_oversized_block_is_refused_with_a_message_naming_the_key(spark, tmp_path):
     ratings, model = planted(spark, factor_noise=0.3, rating_noise=0.05)
     with pytest.raises(RefineError, match=r"holds [\d,]+ training ratings, more than refine\.sample\.max_ratings=100") as err:
-        refine(ratings, model, config(tmp_path, "refine.sample.max_ratings=100"))
+        cfg = config(tmp_path, "refine.sample.max_ratings=100")
+        refine(plan_block(ratings, cfg), model, cfg)
     assert isinstance(err.value, ConfigError)  # so the job exits 2
 
 
 def test_mlp_head_reports_its_rmse_and_saves_weights_and_config(spark, tmp_path):
     ratings, model = planted(spark, factor_noise=0.3, rating_noise=0.05)
     cfg = config(tmp_path, "refine.head=mlp", "refine.epochs=60", "run.run_id=r1")
-    result = refine(ratings, model, cfg)
+    result = refine(plan_block(ratings, cfg), model, cfg)
 
     # The head starts at the dot-product model (zero output layer) and keeps its best validation state.
     assert result.metrics["mlp_rmse"] <= result.metrics["rmse_after"]
@@ -130,30 +133,46 @@ def test_mlp_head_reports_its_rmse_and_saves_weights_and_config(spark, tmp_path)
 
 
 def test_sample_ids_takes_the_most_active_or_a_seeded_uniform_draw(spark):
-    ratings, model = planted(spark, factor_noise=0.0, rating_noise=0.0)
+    ratings, _ = planted(spark, factor_noise=0.0, rating_noise=0.0)
     counts = {r[0]: r[1] for r in ratings.groupBy(S.USER_IDX).count().collect()}
-    top = sample_ids(ratings, model.users, idx_col=S.USER_IDX, n=10, strategy="top_active", seed=1)
+    top = sample_ids(ratings, idx_col=S.USER_IDX, n=10, strategy="top_active", seed=1)
     assert top == sorted(counts, key=lambda u: (-counts[u], u))[:10]
 
-    draw = sample_ids(ratings, model.users.where(F.col(S.USER_IDX) < 50), idx_col=S.USER_IDX, n=10, strategy="random", seed=1)
-    assert draw == sample_ids(ratings, model.users.where(F.col(S.USER_IDX) < 50), idx_col=S.USER_IDX, n=10, strategy="random", seed=1)
+    some = ratings.where(F.col(S.USER_IDX) < 50)
+    draw = sample_ids(some, idx_col=S.USER_IDX, n=10, strategy="random", seed=1)
+    assert draw == sample_ids(some.repartition(3), idx_col=S.USER_IDX, n=10, strategy="random", seed=1)
     assert len(set(draw)) == 10 and max(draw) < 50 and draw != top
-    assert draw != sample_ids(ratings, model.users.where(F.col(S.USER_IDX) < 50), idx_col=S.USER_IDX, n=10, strategy="random", seed=2)
+    assert draw != sample_ids(some, idx_col=S.USER_IDX, n=10, strategy="random", seed=2)
 
 
-def test_validation_mask_is_seeded_and_leaves_both_parts_non_empty():
-    mask = validation_mask(100, fraction=0.2, seed=3)
-    assert mask.sum() == 20 and (mask == validation_mask(100, fraction=0.2, seed=3)).all()
-    assert validation_mask(2, fraction=0.9, seed=3).sum() == 1
-    with pytest.raises(RefineError, match="too few to fit and validate"):
-        validation_mask(1, fraction=0.2, seed=3)
+def test_the_trainer_never_sees_the_blocks_validation_ratings(spark, tmp_path):
+    ratings, _ = planted(spark, factor_noise=0.0, rating_noise=0.0)
+    cfg = config(tmp_path, "refine.validation_fraction=0.25")
+    plan = plan_block(ratings, cfg)
+    key = [S.USER_IDX, S.ITEM_IDX]
+    held = plan.ratings.where(HELD_OUT).select(*key).cache()
+    in_block = ratings.join(F.broadcast(plan.users), S.USER_IDX).join(F.broadcast(plan.items), S.ITEM_IDX)
+
+    # A seeded quarter of the block's ratings, and nothing outside the block.
+    assert held.join(in_block, key, "left_anti").count() == 0
+    assert 0.15 < held.count() / in_block.count() < 0.35
+    # The trainer gets every other rating exactly once.
+    trainer = plan.trainer_ratings
+    assert trainer.columns == ratings.columns
+    assert trainer.join(held, key).count() == 0 and trainer.count() + held.count() == ratings.count()
+    # The flags depend on the seed and the pair, not on the partitioning.
+    again = plan_block(ratings.repartition(3), cfg).ratings.where(HELD_OUT).select(*key)
+    assert_df_equality(held, again, ignore_row_order=True)
+    other = plan_block(ratings, config(tmp_path, "refine.validation_fraction=0.25", "run.seed=9"))
+    assert other.ratings.where(HELD_OUT).select(*key).exceptAll(held).count() > 0
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_cuda_without_a_gpu_is_a_config_error(spark, tmp_path):
     ratings, model = planted(spark, factor_noise=0.3, rating_noise=0.05)
     with pytest.raises(RefineError, match="refine.device: cuda"):
-        refine(ratings, model, config(tmp_path, "refine.device=cuda"))
+        cfg = config(tmp_path, "refine.device=cuda")
+        refine(plan_block(ratings, cfg), model, cfg)
 
 
 def test_refine_is_refused_for_implicit_feedback():
@@ -165,7 +184,8 @@ def test_refine_is_refused_for_implicit_feedback():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_refinement_on_cuda_improves_and_says_so(spark, tmp_path):
     ratings, model = planted(spark, factor_noise=0.3, rating_noise=0.05)
-    result = refine(ratings, model, config(tmp_path, "refine.device=auto", "refine.head=mlp"))
+    cfg = config(tmp_path, "refine.device=auto", "refine.head=mlp")
+    result = refine(plan_block(ratings, cfg), model, cfg)
     assert result.device.startswith("cuda") and result.metrics["device_cuda"] == 1.0
     assert result.metrics["accepted"] == 1.0 and result.metrics["rmse_after"] < 0.7 * result.metrics["rmse_before"]
     assert result.metrics["mlp_rmse"] <= result.metrics["rmse_after"]

@@ -43,7 +43,8 @@ def _model_frame(bias: DataFrame | None, factors: DataFrame, idx_col: str, rank:
 class ALSTrainer(Trainer):
     """Spark MLlib ALS behind the Trainer interface."""
 
-    def estimator(self) -> ALS:
+    def estimator(self, blocks: int) -> ALS:
+        """MLlib's ALS with ``blocks`` user and item blocks (one per task slot unless ``train.blocks``)."""
         t, implicit = self.cfg.train, self.cfg.input.implicit
         return ALS(
             rank=t.rank,
@@ -58,17 +59,23 @@ class ALSTrainer(Trainer):
             itemCol=S.ITEM_IDX,
             ratingCol=S.RATING,
             coldStartStrategy="drop",
+            numUserBlocks=blocks,
+            numItemBlocks=blocks,
         )
 
     def fit(self, train: DataFrame, *, test: DataFrame | None = None, callback: EpochCallback | None = None) -> TrainResult:
         t = self.cfg.train
         started = time.perf_counter()
         use_biases = t.biases and not self.cfg.input.implicit
-        log.info("als: rank=%d iterations=%d reg=%g biases=%s implicit=%s", t.rank, t.epochs, t.reg, use_biases, self.cfg.input.implicit)
+        blocks = t.blocks or train.sparkSession.sparkContext.defaultParallelism
+        log.info(
+            "als: rank=%d iterations=%d reg=%g biases=%s implicit=%s blocks=%d",
+            t.rank, t.epochs, t.reg, use_biases, self.cfg.input.implicit, blocks,
+        )
         if use_biases:
-            model = self._fit_with_biases(train)
+            model = self._fit_with_biases(train, blocks)
         else:
-            als_model = self.estimator().fit(train.select(S.USER_IDX, S.ITEM_IDX, S.RATING))
+            als_model = self.estimator(blocks).fit(train.select(S.USER_IDX, S.ITEM_IDX, S.RATING))
             model = self._model(0.0, None, None, als_model)
         check_finite(model)
         lo_hi = self.cfg.input.rating_range
@@ -89,14 +96,14 @@ class ALSTrainer(Trainer):
             rank=rank,
         )
 
-    def _fit_with_biases(self, train: DataFrame) -> Model:
+    def _fit_with_biases(self, train: DataFrame, blocks: int) -> Model:
         """Backfitting: biases on ``r - p.q`` of the previous round, then ALS on ``r - mu - b_u - b_i``."""
         t = self.cfg.train
         mu = global_mean(train)
         base = train
         for round_no in range(1, t.bias_rounds + 1):
             user_bias, item_bias = fit_biases(base, mu=mu, reg=t.bias_reg)
-            als_model = self.estimator().fit(residuals(train, mu=mu, user_bias=user_bias, item_bias=item_bias))
+            als_model = self.estimator(blocks).fit(residuals(train, mu=mu, user_bias=user_bias, item_bias=item_bias))
             log.info("als: bias round %d/%d done", round_no, t.bias_rounds)
             if round_no < t.bias_rounds:
                 base = _minus_dot(train, als_model).cache()
