@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 from pyspark.sql import SparkSession
 
+from mfdist.config import Config, load_config
+from mfdist.pipeline import RunResult, run
 from mfdist.session import release_cached
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,3 +61,24 @@ def ml100k() -> Path:
     if not (ML100K / "u1.base").is_file():
         pytest.skip(f"MovieLens 100k not found at {ML100K}")
     return ML100K
+
+
+TINY = [
+    "input.synthetic.users=300", "input.synthetic.items=80", "input.synthetic.ratings=6000", "input.synthetic.rank=3",
+    "train.rank=4", "train.epochs=4", "train.bias_rounds=1", "output.top_n=5", "output.similar_items=3", "evaluate.k=4",
+]
+
+
+def tiny_config(tmp_path, *extra: str, run_id: str = "r1") -> Config:
+    """The tiny synthetic job under ``tmp_path`` (lake and checkpoints), with ``extra`` overrides."""
+    return load_config(
+        None,
+        [f"output.root={tmp_path}/lake", f"run.checkpoint_dir={tmp_path}/ck", f"run.run_id={run_id}", *TINY, *extra],
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_run(spark, tmp_path_factory) -> tuple[Config, RunResult]:
+    """One tiny job run (run_id r1), shared by the modules that only read what it published."""
+    cfg = tiny_config(tmp_path_factory.mktemp("tiny"))
+    return cfg, run(spark, cfg)

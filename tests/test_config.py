@@ -88,7 +88,7 @@ def test_job_exits_2_naming_the_problem(args, named):
 def test_job_exits_2_for_missing_input_path(tmp_path):
     proc = _job(
         "--conf", "conf/local.yaml", "--set", "input.format=csv", f"input.path={tmp_path}/missing.csv",
-        f"output.root={tmp_path}/lake", f"run.checkpoint_dir={tmp_path}/ck", "spark.master=local[1]",
+        f"output.root={tmp_path}/lake", f"run.checkpoint_dir={tmp_path}/ck", "spark.master=local[1]", "output.database=null",
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "missing.csv" in proc.stderr.strip().splitlines()[-1]

@@ -24,6 +24,7 @@ def test_csv_with_bad_rows_counts_add_up(spark, tmp_path):
             "input.columns.user=user", "input.columns.item=item", "input.columns.rating=stars", "input.columns.timestamp=when",
             f"output.root={root}", f"run.checkpoint_dir={tmp_path}/ck", "run.run_id=csv1", "spark.master=local[2]",
             "train.rank=3", "train.epochs=3", "train.bias_rounds=1", "spark.conf.spark.sql.shuffle.partitions=2",
+            "spark.conf.spark.default.parallelism=2", "output.database=null",
         ],
         capture_output=True, text=True, timeout=300, cwd=REPO,
     )

@@ -7,6 +7,7 @@ from mfdist import lake
 from mfdist import schema as S
 from mfdist.config import load_config
 from mfdist.pipeline import run
+from tests.conftest import tiny_config
 
 CONTRACT = {
     S.RUNS: ["status", "started_at", "finished_at", "algorithm", "config", "input_rows", "accepted_rows", "rejected_rows"],
@@ -19,24 +20,9 @@ CONTRACT = {
     S.REJECTED_RATINGS: ["user_id", "item_id", "rating", "ts", "reason"],
 }
 
-TINY = [
-    "input.synthetic.users=300", "input.synthetic.items=80", "input.synthetic.ratings=6000", "input.synthetic.rank=3",
-    "train.rank=4", "train.epochs=4", "train.bias_rounds=1", "output.top_n=5", "output.similar_items=3",
-]
-
-
-def tiny_config(tmp_path, *extra, run_id="r1"):
-    return load_config(
-        None,
-        [f"output.root={tmp_path}/lake", f"run.checkpoint_dir={tmp_path}/ck", f"run.run_id={run_id}", *TINY, *extra],
-    )
-
-
 @pytest.fixture(scope="module")
-def first_run(spark, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("e2e")
-    cfg = tiny_config(tmp)
-    return cfg, run(spark, cfg)
+def first_run(tiny_run):
+    return tiny_run
 
 
 def test_every_table_has_the_contract_columns(spark, first_run):

@@ -13,7 +13,6 @@ from mfdist import schema as S
 from mfdist import topk as K
 from mfdist.config import load_config
 from mfdist.errors import ConfigError
-from mfdist.pipeline import run
 from mfdist.train import Model
 
 # ---------------------------------------------------------------- brute force
@@ -245,17 +244,9 @@ def test_recommend_tables_use_original_ids_and_zero_disables_a_table(spark, mode
 
 # ---------------------------------------------------------------- in the job, and jobs/recommend.py
 
-TINY = [
-    "input.synthetic.users=150", "input.synthetic.items=40", "input.synthetic.ratings=3000", "input.synthetic.rank=3",
-    "train.rank=4", "train.epochs=3", "train.bias_rounds=1", "output.top_n=5", "output.similar_items=3", "evaluate.k=4",
-]
-
-
 @pytest.fixture(scope="module")
-def published(spark, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("recommend")
-    cfg = load_config(None, [f"output.root={tmp}/lake", f"run.checkpoint_dir={tmp}/ck", "run.run_id=r1", *TINY])
-    return cfg, run(spark, cfg)
+def published(tiny_run):
+    return tiny_run
 
 
 def test_job_publishes_both_tables_for_every_trained_user_and_item(spark, published):
