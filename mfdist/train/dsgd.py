@@ -362,9 +362,12 @@ def _update_zipped(item, **kwargs) -> tuple[FactorBlock, FactorBlock]:
 
 def _update_from_checkpoint(b: int, blocks: Iterator[RatingBlock], *, store: CheckpointStore, kept_epoch: int, d: int, **kwargs) -> list[tuple[FactorBlock, FactorBlock]]:
     """``_update`` for an epoch's first sub-epoch: task b reads its factor blocks from the kept checkpoint."""
+    # Consume the whole input (one block): a Python worker whose input was left unread is not
+    # reused, and a fresh one pays the imports and numba's cache load (about 1 s) every epoch.
+    [ratings] = list(blocks)
     held = store.read_block(kept_epoch, HELD, b)
     moving = store.read_block(kept_epoch, MOVING, (b + kwargs["stratum"]) % d)
-    return [_update(next(iter(blocks)), held, moving, **kwargs)]
+    return [_update(ratings, held, moving, **kwargs)]
 
 
 def _errors(item, *, hyper: Hyper, with_test: bool, store: CheckpointStore, epoch: int, stratum: int, d: int) -> tuple[BlockErrors, Optional[BlockErrors]]:
