@@ -4,6 +4,7 @@ the bold driver, resuming an interrupted run, and the job end to end with train.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +14,8 @@ from mfdist import lake
 from mfdist import schema as S
 from mfdist.config import load_config
 from mfdist.errors import ConfigError
+from mfdist.evaluate import rating_metrics
+from mfdist.ingest import read_movielens
 from mfdist.pipeline import run
 from mfdist.split import random_split
 from mfdist.synth import generate_ratings
@@ -239,3 +242,28 @@ def test_the_job_publishes_dsgd_factors(spark, tmp_path):
     epochs = lake.read_table(spark, cfg.output.root, S.EPOCHS).where(F.col("stage") == "train")
     assert sorted(r.epoch for r in epochs.collect()) == [1, 2]
     assert result.metrics[("evaluate", "rmse")] < 1.0
+
+
+
+@pytest.mark.slow
+def test_ml100k_u1_meets_the_accuracy_goal(spark, ml100k, tmp_path):
+    """The trainer with conf/ml100k-dsgd.yaml's settings (rank 50, reg 0.15, 40 epochs, d = 2) on
+    u1: the issue's goal is 0.920 (LIBMF 0.9235, ALS with the local defaults 0.9236); measured 0.919."""
+    cfg = load_config(
+        str(Path(__file__).resolve().parents[1] / "conf" / "ml100k-dsgd.yaml"),
+        [f"run.checkpoint_dir={tmp_path}/ck", "run.run_id=ml100k-u1"],
+    )
+
+    def indexed(name: str):
+        # MovieLens ids are 1..n: used as indices directly (the job's reindex stage is not under test).
+        raw = read_movielens(spark, str(ml100k / name))
+        return raw.select(
+            (F.col("userId").cast("int") - 1).alias(S.USER_IDX), (F.col("movieId").cast("int") - 1).alias(S.ITEM_IDX),
+            F.col("rating").cast("double").alias(S.RATING),
+        ).cache()
+
+    train, test = indexed("u1.base"), indexed("u1.test")
+    result = make_trainer(cfg).fit(train, test=test)
+    rmse = rating_metrics(test, result.model, rating_range=cfg.input.rating_range)["rmse"]
+    assert rmse <= 0.920
+    assert result.epochs[-1].epoch == 40
