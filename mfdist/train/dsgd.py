@@ -90,7 +90,6 @@ from functools import partial
 from typing import Iterator, NamedTuple, Optional
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.fs as pafs
 from pyspark import RDD, StorageLevel
@@ -271,21 +270,47 @@ class TrainState:
 # ---- task-side functions (module level so they pickle by reference) -------------------------
 
 
-def _block_packer(*, rank: int, seed: int):
-    """The grouped-map function: all ratings of one (stratum, held block) -> one row of columnar bytes."""
+def _cut_chunks(batches: Iterator[pa.RecordBatch], *, d: int) -> Iterator[pa.RecordBatch]:
+    """One input task's cells (_b, _s, _r, _c, _v) cut by (held block, stratum): a row of columnar bytes per piece.
 
-    def pack(pdf: pd.DataFrame) -> pd.DataFrame:
-        stratum, block = int(pdf["_s"].iloc[0]), int(pdf["_b"].iloc[0])
-        rb = layout_block(pdf["_r"].to_numpy(), pdf["_c"].to_numpy(), pdf["_v"].to_numpy(), rank=rank, seed=_block_seed(seed, stratum, block))
-        return pd.DataFrame({
-            "_s": [stratum], "_b": [block],
-            "rows": [rb.rows.tobytes()], "cols": [rb.cols.tobytes()], "vals": [rb.vals.tobytes()], "offsets": [rb.offsets.tobytes()],
-        })
+    No sort and no Arrow grouping in Spark: the pieces of a block from all input tasks meet in
+    one RDD shuffle (:func:`_grid_rows`), where the block is laid out.
+    """
+    found = [b for b in batches if b.num_rows]
+    if not found:
+        return
+    table = pa.Table.from_batches(found)
+    col = {name: table.column(name).to_numpy() for name in ("_b", "_s", "_r", "_c", "_v")}
+    key = col["_b"].astype(np.int64) * d + col["_s"]
+    order = np.argsort(key, kind="stable")
+    starts = np.concatenate(([0], np.flatnonzero(np.diff(key[order])) + 1, [len(order)]))
+    for lo, hi in zip(starts[:-1], starts[1:]):
+        part = order[lo:hi]
+        first = part[0]
+        yield pa.RecordBatch.from_pydict({
+            "_b": [int(col["_b"][first])], "_s": [int(col["_s"][first])],
+            "rows": [col["_r"][part].astype(np.int32).tobytes()], "cols": [col["_c"][part].astype(np.int32).tobytes()],
+            "vals": [col["_v"][part].astype(np.float32).tobytes()],
+        }, schema=_CHUNK_SCHEMA)
 
-    return pack
+
+_CHUNK_FIELDS = [("_b", pa.int32()), ("_s", pa.int32()), ("rows", pa.binary()), ("cols", pa.binary()), ("vals", pa.binary())]
+_CHUNK_SCHEMA = pa.schema(_CHUNK_FIELDS)
+_CHUNK_DDL = "_b int, _s int, rows binary, cols binary, vals binary"
 
 
-_PACKED_SCHEMA = "_s int, _b int, rows binary, cols binary, vals binary, offsets binary"
+def _unpack_chunk(row) -> tuple[int, tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
+    return row["_b"], (row["_s"], np.frombuffer(row["rows"], np.int32), np.frombuffer(row["cols"], np.int32), np.frombuffer(row["vals"], np.float32))
+
+
+def _layout_row(items: Iterator[tuple[int, tuple]], *, rank: int, seed: int) -> Iterator[tuple[int, tuple[int, RatingBlock]]]:
+    """The pieces of grid row b (one partition) joined per stratum and laid out: (b, (stratum, RatingBlock))."""
+    pieces: dict[tuple[int, int], list] = {}
+    for b, (stratum, rows, cols, vals) in items:
+        pieces.setdefault((b, stratum), []).append((rows, cols, vals))
+    for (b, stratum), parts in sorted(pieces.items()):
+        rows, cols, vals = (np.concatenate(a) for a in zip(*parts))
+        yield b, (stratum, layout_block(rows, cols, vals, rank=rank, seed=_block_seed(seed, stratum, b)))
 
 
 def _block_seed(seed: int, *parts: int) -> int:
@@ -293,14 +318,6 @@ def _block_seed(seed: int, *parts: int) -> int:
     for p in parts:
         key = splitmix64(np.array([key ^ np.uint64(p)], dtype=np.uint64))[0]
     return int(key >> np.uint64(1))
-
-
-def _unpack(row) -> tuple[int, tuple[int, RatingBlock]]:
-    block = RatingBlock(
-        np.frombuffer(row["rows"], np.int32), np.frombuffer(row["cols"], np.int32),
-        np.frombuffer(row["vals"], np.float32), np.frombuffer(row["offsets"], np.int64),
-    )
-    return row["_b"], (row["_s"], block)
 
 
 _EMPTY = RatingBlock(np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.float32), np.zeros(1, np.int64))
@@ -582,8 +599,9 @@ def _grid_rows(ratings: DataFrame, grid: Grid, *, rank: int, seed: int) -> RDD:
         (held % d).cast("int").alias("_b"), ((moving % d - held % d + d) % d).cast("int").alias("_s"),
         (held / d).cast("int").alias("_r"), (moving / d).cast("int").alias("_c"), F.col(S.RATING).cast("float").alias("_v"),
     )
-    packed = cells.groupBy("_s", "_b").applyInPandas(_block_packer(rank=rank, seed=seed), _PACKED_SCHEMA)
-    return packed.rdd.map(_unpack).partitionBy(d, _identity).persist(StorageLevel.MEMORY_AND_DISK)
+    chunks = cells.mapInArrow(partial(_cut_chunks, d=d), _CHUNK_DDL).rdd.map(_unpack_chunk)
+    rows = chunks.partitionBy(d, _identity).mapPartitions(partial(_layout_row, rank=rank, seed=seed), preservesPartitioning=True)
+    return rows.persist(StorageLevel.MEMORY_AND_DISK)
 
 
 def _cut_strata(rows: RDD, d: int) -> list[RDD]:
