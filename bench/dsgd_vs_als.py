@@ -161,7 +161,7 @@ def compare(train: DataFrame, test: DataFrame, als_cfg: Config, dsgd_cfg: Config
         print(HEADER)
     started = time.perf_counter()
     log = EpochLog(started, als_rec.test_rmse, quiet=quiet_epochs)
-    dsgd = make_trainer(dsgd_cfg).fit(train, test=test, callback=log)
+    make_trainer(dsgd_cfg).fit(train, test=test, callback=log)
     dsgd_s = time.perf_counter() - started
     first_epoch_start = log.records[0][1] - log.records[0][0].seconds
     epoch_s = [r.seconds for r, _, _ in log.records]
@@ -236,7 +236,7 @@ def bench_ml100k(spark: SparkSession, args: argparse.Namespace, work: str) -> No
         print(f"  {name:<24} " + "  ".join(f"{v:>6.1f}" for v in vals) + f"  {np.mean(vals):>6.1f}")
     ratios = [r["ratio"] for r in results.values()]
     print("  DSGD to ALS RMSE / ALS s " + "  ".join(f"{r:>6.3f}" if r is not None else "   n/a" for r in ratios))
-    print(f"  goals: 5-fold mean <= 0.912, u1 <= 0.920 (LIBMF 0.9168 / 0.9235, Spark ALS 5-fold 0.9219)")
+    print("  goals: 5-fold mean <= 0.912, u1 <= 0.920 (LIBMF 0.9168 / 0.9235, Spark ALS 5-fold 0.9219)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -244,7 +244,6 @@ def test_the_job_publishes_dsgd_factors(spark, tmp_path):
     assert result.metrics[("evaluate", "rmse")] < 1.0
 
 
-
 @pytest.mark.slow
 def test_ml100k_u1_meets_the_accuracy_goal(spark, ml100k, tmp_path):
     """The trainer with conf/ml100k-dsgd.yaml's settings (rank 50, reg 0.15, 40 epochs, d = 2) on

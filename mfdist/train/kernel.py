@@ -96,6 +96,14 @@ def penalty_weights(counts: np.ndarray, *, reg: float, bias_reg: float, exponent
     return np.where(seen, factor, 0.0).astype(np.float32), np.where(seen, bias, 0.0).astype(np.float32)
 
 
+@njit(nogil=True, cache=True, fastmath=True, inline="always")
+def _predict(P, Q, bp, bq, u, i, mu):  # pragma: no cover - compiled
+    pred = mu + bp[u] + bq[i]
+    for f in range(P.shape[1]):
+        pred += P[u, f] * Q[i, f]
+    return pred
+
+
 @njit(nogil=True, cache=True, fastmath=True)
 def _sgd(rows, cols, vals, offsets, order, P, Q, bp, bq, rp, rq, rbp, rbq, mu, lr, biases):  # pragma: no cover - compiled
     k = P.shape[1]
@@ -103,10 +111,7 @@ def _sgd(rows, cols, vals, offsets, order, P, Q, bp, bq, rp, rq, rbp, rbq, mu, l
         for n in range(offsets[s], offsets[s + 1]):
             u = rows[n]
             i = cols[n]
-            pred = mu + bp[u] + bq[i]
-            for f in range(k):
-                pred += P[u, f] * Q[i, f]
-            e = vals[n] - pred
+            e = vals[n] - _predict(P, Q, bp, bq, u, i, mu)
             if biases:
                 bp[u] += lr * (e - rbp[u] * bp[u])
                 bq[i] += lr * (e - rbq[i] * bq[i])
@@ -154,7 +159,6 @@ def _penalties(X, b, reg, bias_reg):  # pragma: no cover - compiled
 
 @njit(nogil=True, cache=True, fastmath=True)
 def _evaluate(rows, cols, vals, P, Q, bp, bq, rp, rq, rbp, rbq, mu, lo, hi):  # pragma: no cover - compiled
-    k = P.shape[1]
     p_norm = _penalties(P, bp, rp, rbp)
     q_norm = _penalties(Q, bq, rq, rbq)
     sse = 0.0
@@ -163,9 +167,7 @@ def _evaluate(rows, cols, vals, P, Q, bp, bq, rp, rq, rbp, rbq, mu, lo, hi):  # 
     for n in range(vals.shape[0]):
         u = rows[n]
         i = cols[n]
-        pred = mu + bp[u] + bq[i]
-        for f in range(k):
-            pred += P[u, f] * Q[i, f]
+        pred = _predict(P, Q, bp, bq, u, i, mu)
         e = vals[n] - pred
         sse += e * e
         c = vals[n] - min(max(pred, lo), hi)
