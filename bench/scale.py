@@ -45,16 +45,17 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from pyspark.sql import DataFrame, SparkSession  # noqa: E402
 from pyspark.sql import functions as F  # noqa: E402
 
 from mfdist import schema as S  # noqa: E402
+from procmem import rss_kb, tree  # noqa: E402
 from mfdist.config import Config, load_config  # noqa: E402
 from mfdist.synth import generate_ratings  # noqa: E402
 from mfdist.train import EpochRecord, make_trainer  # noqa: E402
 
-PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 PHASES = ("data", "fit")
 WORKER_MARKS = (b"pyspark.daemon", b"pyspark.worker")
 
@@ -77,14 +78,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 # ---------------------------------------------------------------- memory sampling from /proc
 
 
-def _rss_kb(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/statm") as f:
-            return int(f.read().split()[1]) * PAGE_KB
-    except (FileNotFoundError, ProcessLookupError):  # the process ended between listing and reading
-        return 0
-
-
 def _is_worker(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -94,26 +87,11 @@ def _is_worker(pid: int) -> bool:
     return any(mark in cmdline for mark in WORKER_MARKS)
 
 
-def _parents() -> dict[int, int]:
-    out = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    out[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (FileNotFoundError, ProcessLookupError):
-                continue
-    return out
-
-
 def tree_rss_kb(root: int) -> tuple[int, int]:
     """(summed RSS of the driver side, largest RSS of one Python worker) over ``root`` and every process under it."""
-    parents, found = _parents(), [root]
-    for pid in found:
-        found.extend(child for child, parent in parents.items() if parent == pid)
     driver, worker = 0, 0
-    for pid in found:
-        rss = _rss_kb(pid)
+    for pid in tree(root):
+        rss = rss_kb(pid)
         if _is_worker(pid):
             worker = max(worker, rss)
         else:

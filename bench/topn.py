@@ -32,16 +32,17 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from pyspark.ml.recommendation import ALSModel  # noqa: E402
 from pyspark.sql import DataFrame, SparkSession  # noqa: E402
 from pyspark.sql import functions as F  # noqa: E402
 
 from mfdist import schema as S  # noqa: E402
+from procmem import rss_kb, tree  # noqa: E402
 from mfdist.recommend import similar_item_lists, user_lists  # noqa: E402
 from mfdist.train import Model  # noqa: E402
 
-PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 PHASES = ("data", "mfdist", "similar", "als", "compare")
 WARMUP_FRACTION = 0.01
 
@@ -64,32 +65,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 # ---------------------------------------------------------------- memory sampling from /proc
 
 
-def _rss_kb(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/statm") as f:
-            return int(f.read().split()[1]) * PAGE_KB
-    except (FileNotFoundError, ProcessLookupError):  # the process ended between listing and reading
-        return 0
-
-
-def _parents() -> dict[int, int]:
-    out = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    out[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (FileNotFoundError, ProcessLookupError):
-                continue
-    return out
-
-
 def tree_rss_kb(root: int) -> int:
     """Summed RSS of ``root`` and every process under it."""
-    parents, found = _parents(), [root]
-    for pid in found:
-        found.extend(child for child, parent in parents.items() if parent == pid)
-    return sum(_rss_kb(p) for p in found)
+    return sum(rss_kb(p) for p in tree(root))
 
 
 def run_child(args: argparse.Namespace, phase: str) -> tuple[dict, float]:

@@ -1,0 +1,36 @@
+"""Resident memory of a process tree, read from /proc (Linux): the benchmarks' peak-RSS sampling."""
+
+from __future__ import annotations
+
+import os
+
+PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+def rss_kb(pid: int) -> int:
+    """Resident set size of ``pid`` in KiB (0 when it has ended)."""
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * PAGE_KB
+    except (FileNotFoundError, ProcessLookupError):  # the process ended between listing and reading
+        return 0
+
+
+def _parents() -> dict[int, int]:
+    out = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    out[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+    return out
+
+
+def tree(root: int) -> list[int]:
+    """``root`` and every process under it."""
+    parents, found = _parents(), [root]
+    for pid in found:
+        found.extend(child for child, parent in parents.items() if parent == pid)
+    return found
