@@ -44,11 +44,13 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from pyspark.sql import DataFrame, SparkSession  # noqa: E402
 from pyspark.sql import functions as F  # noqa: E402
 
 from mfdist import schema as S  # noqa: E402
+from harness import bench_session  # noqa: E402
 from mfdist.config import Config, load_config  # noqa: E402
 from mfdist.ingest import read_movielens  # noqa: E402
 from mfdist.session import release_cached  # noqa: E402
@@ -84,20 +86,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def session(args: argparse.Namespace, work: str) -> SparkSession:
-    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    spark = (
-        SparkSession.builder.master(args.master).appName("bench-dsgd-vs-als")
-        .config("spark.driver.memory", args.driver_memory)
-        .config("spark.ui.enabled", "false")
-        .config("spark.ui.showConsoleProgress", "false")
-        .config("spark.local.dir", f"{work}/spark-local")
-        .config("spark.sql.session.timeZone", "UTC")
-        .config("spark.sql.execution.arrow.pyspark.enabled", "true")
-        .getOrCreate()
-    )
-    spark.sparkContext.setLogLevel("ERROR")
-    spark.sparkContext.setCheckpointDir(f"{work}/spark-checkpoints")
-    return spark
+    return bench_session(master=args.master, driver_memory=args.driver_memory, work=work, app="bench-dsgd-vs-als")
 
 
 def _indexed(df: DataFrame, user: str, item: str) -> DataFrame:

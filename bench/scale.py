@@ -51,7 +51,7 @@ from pyspark.sql import DataFrame, SparkSession  # noqa: E402
 from pyspark.sql import functions as F  # noqa: E402
 
 from mfdist import schema as S  # noqa: E402
-from procmem import rss_kb, tree  # noqa: E402
+from harness import bench_session, rss_kb, tree  # noqa: E402
 from mfdist.config import Config, load_config  # noqa: E402
 from mfdist.synth import generate_ratings  # noqa: E402
 from mfdist.train import EpochRecord, make_trainer  # noqa: E402
@@ -126,20 +126,8 @@ def run_child(args: argparse.Namespace, phase: str, size: int) -> tuple[dict, fl
 
 
 def session(args: argparse.Namespace) -> SparkSession:
-    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    spark = (
-        SparkSession.builder.master(args.master).appName(f"bench-scale-{args.phase}-{args.size}")
-        .config("spark.driver.memory", args.driver_memory)
-        .config("spark.ui.enabled", "false")
-        .config("spark.ui.showConsoleProgress", "false")
-        .config("spark.local.dir", f"{args.work}/spark-local")
-        .config("spark.sql.session.timeZone", "UTC")
-        .config("spark.sql.execution.arrow.pyspark.enabled", "true")
-        .getOrCreate()
-    )
-    spark.sparkContext.setLogLevel("ERROR")
-    spark.sparkContext.setCheckpointDir(f"{args.work}/spark-checkpoints")
-    return spark
+    return bench_session(master=args.master, driver_memory=args.driver_memory, work=args.work,
+                         app=f"bench-scale-{args.phase}-{args.size}")
 
 
 def shape(args: argparse.Namespace, size: int) -> tuple[int, int]:

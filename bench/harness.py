@@ -1,8 +1,11 @@
-"""Resident memory of a process tree, read from /proc (Linux): the benchmarks' peak-RSS sampling."""
+"""Pieces the benchmarks share: their Spark session, and the resident memory of a process tree (/proc, Linux)."""
 
 from __future__ import annotations
 
 import os
+import sys
+
+from pyspark.sql import SparkSession
 
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 
@@ -34,3 +37,21 @@ def tree(root: int) -> list[int]:
     for pid in found:
         found.extend(child for child, parent in parents.items() if parent == pid)
     return found
+
+
+def bench_session(*, master: str, driver_memory: str, work: str, app: str) -> SparkSession:
+    """A quiet local session with its scratch and checkpoints under ``work``."""
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    spark = (
+        SparkSession.builder.master(master).appName(app)
+        .config("spark.driver.memory", driver_memory)
+        .config("spark.ui.enabled", "false")
+        .config("spark.ui.showConsoleProgress", "false")
+        .config("spark.local.dir", f"{work}/spark-local")
+        .config("spark.sql.session.timeZone", "UTC")
+        .config("spark.sql.execution.arrow.pyspark.enabled", "true")
+        .getOrCreate()
+    )
+    spark.sparkContext.setLogLevel("ERROR")
+    spark.sparkContext.setCheckpointDir(f"{work}/spark-checkpoints")
+    return spark
