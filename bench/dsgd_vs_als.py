@@ -76,7 +76,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--als-reg", type=float, default=0.1)
     p.add_argument("--dsgd-epochs", type=int, default=30)
     p.add_argument("--dsgd-reg", type=float, default=0.08)
-    p.add_argument("--dsgd-step", type=float, default=0.07)
+    p.add_argument("--dsgd-step", type=float, default=0.2)
     p.add_argument("--folds", type=int, nargs="+", default=[1, 2, 3, 4, 5], help="ml-100k folds uN.base / uN.test")
     p.add_argument("--epochs-of-all-folds", action="store_true", help="ml-100k: print DSGD epochs of every fold, not just the first")
     p.add_argument("--master", default="local[2]")

@@ -30,7 +30,7 @@ from mfdist.train.kernel import RatingBlock, Side, layout_block, penalty_weights
 def _side(rng: np.random.Generator, counts: np.ndarray, rank: int) -> Side:
     reg, bias_reg = penalty_weights(counts, reg=0.05, bias_reg=1.0, exponent=0.6, mean_count=float(counts.mean()))
     vecs = (rng.standard_normal((len(counts), rank)) * 0.1).astype(np.float32)
-    return Side(vecs, np.zeros(len(counts), np.float32), reg, bias_reg)
+    return Side(vecs, np.zeros(len(counts), np.float32), reg, bias_reg, np.ones(len(counts), np.float32))
 
 
 def updates_per_second(block: RatingBlock, n_rows: int, n_cols: int, rank: int, passes: int) -> float:
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cols", type=int, default=10_000)
     parser.add_argument("--ratings", type=int, default=2_000_000)
     parser.add_argument("--ranks", type=int, nargs="+", default=[32, 128])
-    parser.add_argument("--passes", type=int, default=3)
+    parser.add_argument("--passes", type=int, default=5)
     args = parser.parse_args(argv)
 
     rng = np.random.default_rng(1)

@@ -33,7 +33,8 @@ def _random_block(rng: np.random.Generator, n_rows: int, n_cols: int, n: int) ->
 
 def _side(rng: np.random.Generator, counts: np.ndarray, rank: int) -> K.Side:
     reg, bias_reg = K.penalty_weights(counts, reg=0.05, bias_reg=1.0, exponent=0.6, mean_count=float(counts.mean()))
-    return K.Side((rng.standard_normal((len(counts), rank)) * 0.3).astype(np.float32), np.zeros(len(counts), np.float32), reg, bias_reg)
+    vecs = (rng.standard_normal((len(counts), rank)) * 0.3).astype(np.float32)
+    return K.Side(vecs, np.zeros(len(counts), np.float32), reg, bias_reg, np.ones(len(counts), np.float32))
 
 
 def _copy(side: K.Side) -> K.Side:
@@ -56,6 +57,7 @@ def test_kernel_matches_the_numpy_reference(monkeypatch, biases):
     for fast, slow in zip(P + Q, P2 + Q2):
         np.testing.assert_allclose(fast, slow, atol=1e-5)
     assert np.abs(P.vecs - start).max() > 0.01
+    assert np.all(P.grad_sq[np.bincount(rows, minlength=50) > 0] > 1)  # AdaGrad sums grew on rated rows
     assert np.any(P.bias != 0) == biases
 
 
@@ -142,7 +144,7 @@ def test_a_sub_epoch_shuffles_only_the_moving_factor_blocks(spark):
     sc, d, stratum = spark.sparkContext, 3, 2
     ratings = D._zippable(sc.parallelize(range(d), d).map(lambda b: f"ratings of row {b}")).cache()
     previous = D._zippable(
-        sc.parallelize(range(d), d).map(lambda b: (f"held {b}", D.FactorBlock((b + 1) % d, None, None, None)))
+        sc.parallelize(range(d), d).map(lambda b: (f"held {b}", D.FactorBlock((b + 1) % d, None, None, None, None)))
     ).cache()
     out = D.sub_epoch(ratings, previous, D.move(previous, stratum, d), lambda item: item)
     got = out.glom().collect()
