@@ -81,7 +81,7 @@ class TrainConfig:
     bias_rounds: int = 3
     implicit_alpha: float = 1.0
     nonnegative: bool = False
-    step_size: float = 0.01
+    step_size: float = 0.1  # DSGD's initial base step; rows scale it by AdaGrad (LIBMF's default rate)
     blocks: Optional[int] = None
     checkpoint_interval: int = 5
 
