@@ -1,10 +1,12 @@
 """Benchmark of the DSGD trainer against ALS: per-epoch seconds, training loss and test RMSE, and time to ALS's accuracy.
 
     python bench/dsgd_vs_als.py [--datasets synthetic ml100k] [--ratings 10000000 --users 200000 --items 20000]
-                                [--rank 32] [--als-iterations 10] [--dsgd-epochs 30] [--master local[2]]
+                                [--rank 32] [--als-iterations 10] [--als-curve 1 2 5] [--dsgd-epochs 30] [--master local[2]]
 
 Both trainers run in one Spark application (``--master``, default local[2];
-``--driver-memory``, default 12g) on the same cached splits:
+``--driver-memory``, default 12g) on the same cached splits, after untimed
+warm-up fits of both on a 1% sample (so neither pays the JVM's and the Python
+workers' start-up for the other):
 
 - ``synthetic``: planted ratings from :mod:`mfdist.synth` (``--ratings``,
   ``--users``, ``--items``; planted rank ``--planted-rank``, noise ``--noise``),
@@ -23,9 +25,11 @@ all training and test ratings and the checkpoint), seconds since the fit
 started (the one-off layout included), the training objective (squared errors
 plus penalties, per rating), training and test RMSE and the step size; a
 rolled-back epoch (bold driver) is marked and never counts as reaching a
-target. MLlib runs all ALS iterations inside one fit, so ALS prints one row:
-total fit seconds (bias model, iterations, and the train and test RMSE passes,
-as for DSGD) and seconds per iteration. The ratio is (DSGD wall time from the
+target. MLlib runs all ALS iterations inside one fit, so ALS prints one row per
+fit: total fit seconds (bias model, iterations, and the train and test RMSE
+passes, as for DSGD) and seconds per iteration; ``--als-curve 1 2 5`` first fits
+ALS with those iteration counts too (a fit each, not counted in the ratio), for
+its test RMSE per iteration count. The ratio is (DSGD wall time from the
 start of its fit to the end of the first kept epoch whose test RMSE is at or
 below ALS's final test RMSE) / (ALS's fit time); goal on the synthetic set <= 0.2.
 """
@@ -39,6 +43,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +78,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--noise", type=float, default=0.5, help="synthetic rating noise (std, on a 1..5 scale)")
     p.add_argument("--rank", type=int, default=32, help="model rank of both trainers on the synthetic set")
     p.add_argument("--als-iterations", type=int, default=10)
+    p.add_argument("--als-curve", type=int, nargs="*", default=[],
+                   help="synthetic: also fit ALS with these fewer iterations first (e.g. 1 2 5), for its RMSE per iteration count")
     p.add_argument("--als-reg", type=float, default=0.1)
     p.add_argument("--dsgd-epochs", type=int, default=30)
     p.add_argument("--dsgd-reg", type=float, default=0.08)
@@ -133,18 +140,43 @@ class EpochLog:
 HEADER = f"  {'':<5} {'epoch':>5} {'epoch s':>8} {'elapsed':>9} {'loss':>9} {'train':>9} {'test':>9} {'step':>8}"
 
 
-def compare(train: DataFrame, test: DataFrame, als_cfg: Config, dsgd_cfg: Config, *, quiet_epochs: bool = False) -> dict:
-    """ALS, then DSGD (with ALS's final test RMSE as the target) on one split; their figures."""
+def fit_als(train: DataFrame, test: DataFrame, cfg: Config) -> tuple[float, EpochRecord]:
+    """One ALS fit, printed as a row: (fit seconds, its record)."""
     started = time.perf_counter()
-    als = make_trainer(als_cfg).fit(train, test=test)
+    rec = make_trainer(cfg).fit(train, test=test).epochs[-1]
     als_s = time.perf_counter() - started
-    als_rec = als.epochs[-1]
-    iters = als_cfg.train.epochs * als_cfg.train.bias_rounds
-    print(f"  {'als':<5} {iters:>5} {als_s / iters:>8.2f} {als_s:>9.2f} {'':>9} {als_rec.train_rmse:>9.4f} "
-          f"{als_rec.test_rmse:>9.4f}   ({iters} iterations in one fit; epoch s = fit / iterations)", flush=True)
+    iters = cfg.train.epochs * cfg.train.bias_rounds
+    print(f"  {'als':<5} {iters:>5} {als_s / iters:>8.2f} {als_s:>9.2f} {'':>9} {rec.train_rmse:>9.4f} "
+          f"{rec.test_rmse:>9.4f}   ({iters} iterations in one fit; epoch s = fit / iterations)", flush=True)
     release_cached(train.sparkSession)
     train.cache().count()
     test.cache().count()
+    return als_s, rec
+
+
+def warm_up(train: DataFrame, test: DataFrame, als_cfg: Config, dsgd_cfg: Config) -> float:
+    """Untimed short fits of both trainers on a 1% sample: JVM JIT, Python workers and numba's cache
+    are warm before anything is timed, so neither trainer pays the start-up for the other."""
+    started = time.perf_counter()
+    small_train, small_test = train.sample(fraction=0.01, seed=1).cache(), test.sample(fraction=0.01, seed=1).cache()
+    make_trainer(replace(als_cfg, train=replace(als_cfg.train, epochs=1))).fit(small_train, test=small_test)
+    warm_dsgd = replace(dsgd_cfg, run=replace(dsgd_cfg.run, run_id=f"{dsgd_cfg.run.run_id}-warm-up"), train=replace(dsgd_cfg.train, epochs=1))
+    make_trainer(warm_dsgd).fit(small_train, test=small_test)
+    release_cached(train.sparkSession)
+    train.cache().count()
+    test.cache().count()
+    return time.perf_counter() - started
+
+
+def compare(train: DataFrame, test: DataFrame, als_cfg: Config, dsgd_cfg: Config, *, quiet_epochs: bool = False,
+            als_curve: tuple[int, ...] = ()) -> dict:
+    """ALS, then DSGD (with ALS's final test RMSE as the target) on one split; their figures.
+
+    ``als_curve``: ALS iteration counts fitted (and printed) first, each a fit of its own.
+    """
+    for iterations in als_curve:
+        fit_als(train, test, replace(als_cfg, train=replace(als_cfg.train, epochs=iterations)))
+    als_s, als_rec = fit_als(train, test, als_cfg)
 
     if not quiet_epochs:
         print(HEADER)
@@ -186,7 +218,8 @@ def bench_synthetic(spark: SparkSession, args: argparse.Namespace, work: str) ->
     print(f"   ALS rank {args.rank}, reg {args.als_reg:g}, {args.als_iterations} iterations, 1 bias round; "
           f"DSGD rank {args.rank}, reg {args.dsgd_reg:g}, step {args.dsgd_step:g}, {args.dsgd_epochs} epochs, "
           f"d = {spark.sparkContext.defaultParallelism}")
-    out = compare(train, test, als_cfg, dsgd_cfg)
+    print(f"   untimed warm-up fits on a 1% sample: {warm_up(train, test, als_cfg, dsgd_cfg):.1f} s", flush=True)
+    out = compare(train, test, als_cfg, dsgd_cfg, als_curve=tuple(args.als_curve))
     ratio = f"{out['ratio']:.3f}" if out["ratio"] is not None else "n/a (not reached)"
     print(f"synthetic: DSGD time to ALS's test RMSE / ALS fit time = {ratio} (goal <= {RATIO_GOAL}); "
           f"DSGD {out['dsgd_test']:.4f} vs ALS {out['als_test']:.4f} test RMSE; "
@@ -214,6 +247,8 @@ def bench_ml100k(spark: SparkSession, args: argparse.Namespace, work: str) -> No
             for part in ("base", "test")
         )
         print(f"u{fold}: {train.count():,} train / {test.count():,} test ratings")
+        if fold == args.folds[0]:
+            print(f"   untimed warm-up fits on a 1% sample: {warm_up(train, test, als_cfg, dsgd_cfg):.1f} s", flush=True)
         quiet = fold != args.folds[0] and not args.epochs_of_all_folds
         results[fold] = compare(train, test, als_cfg, dsgd_cfg, quiet_epochs=quiet)
     print("\nml100k test RMSE per fold   " + "  ".join(f"u{f}" + " " * 5 for f in results) + "  mean")
