@@ -140,6 +140,13 @@ class EpochLog:
 HEADER = f"  {'':<5} {'epoch':>5} {'epoch s':>8} {'elapsed':>9} {'loss':>9} {'train':>9} {'test':>9} {'step':>8}"
 
 
+def recache(train: DataFrame, test: DataFrame) -> None:
+    """Drop what a fit left cached (MLlib's RDDs, model frames) and cache the splits again."""
+    release_cached(train.sparkSession)
+    train.cache().count()
+    test.cache().count()
+
+
 def fit_als(train: DataFrame, test: DataFrame, cfg: Config) -> tuple[float, EpochRecord]:
     """One ALS fit, printed as a row: (fit seconds, its record)."""
     started = time.perf_counter()
@@ -148,9 +155,7 @@ def fit_als(train: DataFrame, test: DataFrame, cfg: Config) -> tuple[float, Epoc
     iters = cfg.train.epochs * cfg.train.bias_rounds
     print(f"  {'als':<5} {iters:>5} {als_s / iters:>8.2f} {als_s:>9.2f} {'':>9} {rec.train_rmse:>9.4f} "
           f"{rec.test_rmse:>9.4f}   ({iters} iterations in one fit; epoch s = fit / iterations)", flush=True)
-    release_cached(train.sparkSession)
-    train.cache().count()
-    test.cache().count()
+    recache(train, test)
     return als_s, rec
 
 
@@ -162,9 +167,7 @@ def warm_up(train: DataFrame, test: DataFrame, als_cfg: Config, dsgd_cfg: Config
     make_trainer(replace(als_cfg, train=replace(als_cfg.train, epochs=1))).fit(small_train, test=small_test)
     warm_dsgd = replace(dsgd_cfg, run=replace(dsgd_cfg.run, run_id=f"{dsgd_cfg.run.run_id}-warm-up"), train=replace(dsgd_cfg.train, epochs=1))
     make_trainer(warm_dsgd).fit(small_train, test=small_test)
-    release_cached(train.sparkSession)
-    train.cache().count()
-    test.cache().count()
+    recache(train, test)
     return time.perf_counter() - started
 
 

@@ -1,9 +1,15 @@
-"""Pieces the benchmarks share: their Spark session, and the resident memory of a process tree (/proc, Linux)."""
+"""Pieces the benchmarks share: their Spark session, the resident memory of a process tree (/proc, Linux),
+and running a benchmark phase in a child process while sampling that memory."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
+import threading
+import time
+from typing import Callable
 
 from pyspark.sql import SparkSession
 
@@ -37,6 +43,29 @@ def tree(root: int) -> list[int]:
     for pid in found:
         found.extend(child for child, parent in parents.items() if parent == pid)
     return found
+
+
+def run_child(argv: list[str], measure: Callable[[int], tuple[int, ...]], what: str) -> tuple[dict, tuple[float, ...]]:
+    """Run ``argv`` (a phase that prints a JSON line last); that result and the peaks of ``measure(pid)`` (KiB) in GB.
+
+    ``measure`` is sampled every 0.1 s on the child's pid while it runs; each figure's peak is kept.
+    """
+    child = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    peaks: list[int] = []
+
+    def sample() -> None:
+        while child.poll() is None:
+            figures = measure(child.pid)
+            peaks[:] = [max(a, b) for a, b in zip(peaks, figures)] if peaks else list(figures)
+            time.sleep(0.1)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    out, _ = child.communicate()
+    sampler.join()
+    if child.returncode:
+        raise SystemExit(f"{what} failed with exit code {child.returncode}")
+    return json.loads(out.strip().splitlines()[-1]), tuple(kb / 2**20 for kb in peaks)
 
 
 def bench_session(*, master: str, driver_memory: str, work: str, app: str) -> SparkSession:

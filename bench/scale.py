@@ -35,10 +35,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -51,7 +49,7 @@ from pyspark.sql import DataFrame, SparkSession  # noqa: E402
 from pyspark.sql import functions as F  # noqa: E402
 
 from mfdist import schema as S  # noqa: E402
-from harness import bench_session, rss_kb, tree  # noqa: E402
+from harness import bench_session, rss_kb, run_child, tree  # noqa: E402
 from mfdist.config import Config, load_config  # noqa: E402
 from mfdist.synth import generate_ratings  # noqa: E402
 from mfdist.train import EpochRecord, make_trainer  # noqa: E402
@@ -99,27 +97,13 @@ def tree_rss_kb(root: int) -> tuple[int, int]:
     return driver, worker
 
 
-def run_child(args: argparse.Namespace, phase: str, size: int) -> tuple[dict, float, float]:
+def spawn_phase(args: argparse.Namespace, phase: str, size: int) -> tuple[dict, float, float]:
     """Run ``phase`` for ``size`` in a child process; its JSON result line and the peak driver and worker RSS (GB)."""
     argv = [sys.executable, __file__, "--phase", phase, "--size", str(size), "--work", args.work] + [
         f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("phase", "size", "work", "ratings")
     ]
-    child = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
-    peak = [0, 0]
-
-    def sample() -> None:
-        while child.poll() is None:
-            driver, worker = tree_rss_kb(child.pid)
-            peak[0], peak[1] = max(peak[0], driver), max(peak[1], worker)
-            time.sleep(0.1)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    out, _ = child.communicate()
-    sampler.join()
-    if child.returncode:
-        raise SystemExit(f"phase {phase} at {size} ratings failed with exit code {child.returncode}")
-    return json.loads(out.strip().splitlines()[-1]), peak[0] / 2**20, peak[1] / 2**20
+    out, (driver_gb, worker_gb) = run_child(argv, tree_rss_kb, f"phase {phase} at {size} ratings")
+    return out, driver_gb, worker_gb
 
 
 # ---------------------------------------------------------------- the phases (each in its own Spark application)
@@ -188,8 +172,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{'driver peak GB':>15} {'worker peak GB':>15}")
     rows = []
     for size in args.ratings:
-        gen, _, _ = run_child(args, "data", size)
-        out, driver_gb, worker_gb = run_child(args, "fit", size)
+        gen, _, _ = spawn_phase(args, "data", size)
+        out, driver_gb, worker_gb = spawn_phase(args, "fit", size)
         users, items = shape(args, size)
         median = float(np.median(out["epoch_s"]))
         rows.append((out["n"], median))

@@ -24,10 +24,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -39,7 +37,7 @@ from pyspark.sql import DataFrame, SparkSession  # noqa: E402
 from pyspark.sql import functions as F  # noqa: E402
 
 from mfdist import schema as S  # noqa: E402
-from harness import rss_kb, tree  # noqa: E402
+from harness import rss_kb, run_child, tree  # noqa: E402
 from mfdist.recommend import similar_item_lists, user_lists  # noqa: E402
 from mfdist.train import Model  # noqa: E402
 
@@ -70,26 +68,13 @@ def tree_rss_kb(root: int) -> int:
     return sum(rss_kb(p) for p in tree(root))
 
 
-def run_child(args: argparse.Namespace, phase: str) -> tuple[dict, float]:
+def spawn_phase(args: argparse.Namespace, phase: str) -> tuple[dict, float]:
     """Run ``phase`` in a child process; its JSON result line and the peak RSS (GB) of its process tree."""
     argv = [sys.executable, __file__, "--phase", phase, "--work", args.work] + [
         f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("phase", "work")
     ]
-    child = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
-    peak = [0]
-
-    def sample() -> None:
-        while child.poll() is None:
-            peak[0] = max(peak[0], tree_rss_kb(child.pid))
-            time.sleep(0.1)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    out, _ = child.communicate()
-    sampler.join()
-    if child.returncode:
-        raise SystemExit(f"phase {phase} failed with exit code {child.returncode}")
-    return json.loads(out.strip().splitlines()[-1]), peak[0] / 2**20
+    out, (peak_gb,) = run_child(argv, lambda pid: (tree_rss_kb(pid),), f"phase {phase}")
+    return out, peak_gb
 
 
 # ---------------------------------------------------------------- the phases (each in its own Spark application)
@@ -194,14 +179,14 @@ def main(argv: list[str] | None = None) -> int:
     args.work = args.work or tempfile.mkdtemp(prefix="bench-topn-")
     print(f"{args.users} users x {args.items} items, rank {args.rank}, top-{args.k}; {args.master} on "
           f"{os.cpu_count()} cores, driver memory {args.driver_memory}; scratch {args.work}", flush=True)
-    run_child(args, "data")
+    spawn_phase(args, "data")
     results = {}
     for phase, label in (("mfdist", "mfdist user_lists (dot only)"), ("als", "ALS recommendForAllUsers"),
                          ("similar", "mfdist similar_item_lists")):
-        out, peak_gb = run_child(args, phase)
+        out, peak_gb = spawn_phase(args, phase)
         results[phase] = (out["seconds"], peak_gb)
         print(f"{label:<32} {out['seconds']:8.1f} s   peak RSS {peak_gb:6.2f} GB", flush=True)
-    agreement, _ = run_child(args, "compare")
+    agreement, _ = spawn_phase(args, "compare")
     print(f"lists: {agreement['users']} users, {agreement['positions']} positions: {agreement['identical']} identical, "
           f"{agreement['ties']} differ on equal scores, {agreement['mismatched']} mismatched, {agreement['missing']} missing")
     (t_ours, m_ours), (t_als, m_als) = results["mfdist"], results["als"]
