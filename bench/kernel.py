@@ -7,7 +7,7 @@ bench/dsgd_vs_als.py (200k users x 20k items, 10M ratings): 100k rows x 10k colu
 and about 2M ratings, placed uniformly at random (no popularity skew to help the
 caches). Two layouts of the same ratings are timed on the same arrays:
 
-- ``laid out``: what the trainer runs, :func:`mfdist.train.kernel.layout_block`
+- ``laid out``: what the trainer runs, :func:`mfdist.train.dsgd.kernel.layout_block`
   (sub-blocks sized for the cache, shuffled inside each, read sequentially);
 - ``one shuffle``: the same ratings in one random order with a single sub-block,
   the naive layout, as the baseline.
@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from mfdist.train.kernel import RatingBlock, Side, layout_block, penalty_weights, sgd_block  # noqa: E402
+from mfdist.train.dsgd.kernel import RatingBlock, Side, layout_block, penalty_weights, sgd_block  # noqa: E402
 
 
 def _side(rng: np.random.Generator, counts: np.ndarray, rank: int) -> Side:
@@ -42,7 +42,7 @@ def updates_per_second(block: RatingBlock, n_rows: int, n_cols: int, rank: int, 
     for p in range(passes + 1):
         order = rng.permutation(block.n_sub)
         started = time.perf_counter()
-        sgd_block(block, order, rows, cols, mu=3.5, lr=0.002, biases=True)
+        sgd_block(block, order, rows, cols, mu=3.5, lr=0.002, biases=True, rating_range=(1.0, 5.0))
         if p:
             best = min(best, time.perf_counter() - started)
     return len(block.vals) / best

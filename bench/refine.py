@@ -44,7 +44,8 @@ from mfdist.refine import refine  # noqa: E402
 from mfdist.reindex import apply_index, build_index  # noqa: E402
 from mfdist.session import build_session  # noqa: E402
 from mfdist.split import split  # noqa: E402
-from mfdist.train import Model, make_trainer  # noqa: E402
+from mfdist.model import Model  # noqa: E402
+from mfdist.train import make_trainer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 ML100K = (REPO / ".." / "shared" / "data" / "ml-100k").resolve()

@@ -39,7 +39,7 @@ from pyspark.sql import functions as F  # noqa: E402
 from mfdist import schema as S  # noqa: E402
 from harness import rss_kb, run_child, tree  # noqa: E402
 from mfdist.recommend import similar_item_lists, user_lists  # noqa: E402
-from mfdist.train import Model  # noqa: E402
+from mfdist.model import Model  # noqa: E402
 
 PHASES = ("data", "mfdist", "similar", "als", "compare")
 WARMUP_FRACTION = 0.01

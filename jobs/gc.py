@@ -1,4 +1,4 @@
-"""Delete runs older than the newest N succeeded ones and orphaned staging (dry run unless --apply)."""
+"""Delete runs older than the newest N succeeded ones (tables, files, checkpoints) and orphaned staging (dry run unless --apply)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def gc(cfg: Config, args: argparse.Namespace) -> int:
     spark = build_session(cfg)
     try:
-        plan = plan_gc(spark, cfg.output.root, keep=args.keep)
+        plan = plan_gc(spark, cfg.output.root, keep=args.keep, checkpoint_dir=cfg.run.checkpoint_dir)
         for line in plan.describe(cfg.output.root):
             print(("" if args.apply else "[dry run] ") + line)
         if args.apply:

@@ -41,10 +41,28 @@ def local_catalog_conf(cfg: Config) -> dict[str, str]:
     }
 
 
+def quote_part(name: str) -> str:
+    """One backquoted SQL identifier (a name, or a path as in ``delta.`<path>```)."""
+    return "`" + name.replace("`", "``") + "`"
+
+
+def quote_ident(name: str) -> str:
+    """``name`` (``db`` or ``catalog.db.table``) as backquoted SQL identifiers."""
+    return ".".join(quote_part(part) for part in name.split("."))
+
+
+def sql_string(value: str) -> str:
+    """``value`` as a SQL string literal (Spark SQL escapes with backslashes)."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
 def latest_sql(table: str, runs: str) -> str:
-    """A query of ``table``'s rows from the newest succeeded run recorded in ``runs``."""
-    newest = f"SELECT {S.RUN_ID} FROM {runs} WHERE status = 'succeeded' ORDER BY finished_at DESC, {S.RUN_ID} DESC LIMIT 1"
-    return f"SELECT * FROM {table} WHERE {S.RUN_ID} = ({newest})"
+    """A query of ``table``'s rows from the newest succeeded run recorded in ``runs`` (both names quoted here)."""
+    newest = (
+        f"SELECT {S.RUN_ID} FROM {quote_ident(runs)} WHERE status = 'succeeded' "
+        f"ORDER BY finished_at DESC, {S.RUN_ID} DESC LIMIT 1"
+    )
+    return f"SELECT * FROM {quote_ident(table)} WHERE {S.RUN_ID} = ({newest})"
 
 
 def _hive_managed(spark: SparkSession) -> bool:
@@ -61,12 +79,12 @@ def register_table(spark: SparkSession, database: str, root: str, table: str, ru
     """Create ``database.table`` over its location if missing and add the run's partition."""
     path = lake.FileSystem(spark, root).qualify(lake.table_path(root, table))
     source = _source(spark, root, table)
-    name = f"{database}.{table}"
-    spark.sql(f"CREATE DATABASE IF NOT EXISTS {database}")
-    spark.sql(f"CREATE TABLE IF NOT EXISTS {name} USING {source} LOCATION '{path}'")
+    name = quote_ident(f"{database}.{table}")
+    spark.sql(f"CREATE DATABASE IF NOT EXISTS {quote_ident(database)}")
+    spark.sql(f"CREATE TABLE IF NOT EXISTS {name} USING {source} LOCATION {sql_string(path)}")
     if source == "parquet" and _hive_managed(spark):
         part = f"{path}/{S.RUN_ID}={run_id}"
-        spark.sql(f"ALTER TABLE {name} ADD IF NOT EXISTS PARTITION ({S.RUN_ID}='{run_id}') LOCATION '{part}'")
+        spark.sql(f"ALTER TABLE {name} ADD IF NOT EXISTS PARTITION ({S.RUN_ID}={sql_string(run_id)}) LOCATION {sql_string(part)}")
     spark.sql(f"REFRESH TABLE {name}")
 
 
@@ -74,14 +92,15 @@ def drop_partition(spark: SparkSession, database: str, table: str, run_id: str) 
     """Forget a deleted run's partition in the catalog (files are removed by the caller)."""
     name = f"{database}.{table}"
     if _hive_managed(spark) and spark.catalog.tableExists(name):
-        spark.sql(f"ALTER TABLE {name} DROP IF EXISTS PARTITION ({S.RUN_ID}='{run_id}')")
+        spark.sql(f"ALTER TABLE {quote_ident(name)} DROP IF EXISTS PARTITION ({S.RUN_ID}={sql_string(run_id)})")
 
 
 def create_latest_views(spark: SparkSession, database: str, tables: list[str]) -> None:
     """``CREATE OR REPLACE VIEW <table>_latest`` for every registered table."""
     runs = f"{database}.{S.RUNS}"
     for table in tables:
-        spark.sql(f"CREATE OR REPLACE VIEW {database}.{table}_latest AS {latest_sql(f'{database}.{table}', runs)}")
+        view = quote_ident(f"{database}.{table}_latest")
+        spark.sql(f"CREATE OR REPLACE VIEW {view} AS {latest_sql(f'{database}.{table}', runs)}")
 
 
 def register_run(spark: SparkSession, cfg: Config, tables: list[str]) -> None:
@@ -105,5 +124,5 @@ def register_temp_views(spark: SparkSession, root: str) -> list[str]:
             found.append(table)
     if S.RUNS in found:
         for table in found:
-            spark.sql(f"CREATE OR REPLACE TEMP VIEW {table}_latest AS {latest_sql(table, S.RUNS)}")
+            spark.sql(f"CREATE OR REPLACE TEMP VIEW {quote_ident(table + '_latest')} AS {latest_sql(table, S.RUNS)}")
     return found

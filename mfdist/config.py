@@ -7,12 +7,15 @@ Every key has a type; unknown keys, wrong types and invalid values raise
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal, Optional
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -25,6 +28,7 @@ class RunConfig:
     run_id: Optional[str] = None
     seed: int = 42
     checkpoint_dir: str = "./lake/_checkpoints"
+    keep_checkpoints: bool = False
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,10 @@ class TrainConfig:
     step_size: float = 0.1  # DSGD's initial base step; rows scale it by AdaGrad (LIBMF's default rate)
     blocks: Optional[int] = None
     checkpoint_interval: int = 5
+    # DSGD's per-epoch test RMSE: every eval_every epochs (and the last), on at most eval_sample
+    # test ratings; the evaluate stage scores every test rating once at the end.
+    eval_every: int = 1
+    eval_sample: int = 100_000
 
 
 @dataclass(frozen=True)
@@ -269,6 +277,39 @@ def _require(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
+# A run_id becomes a folder name (<table>/run_id=<id>, <checkpoint_dir>/<id>) and a SQL literal.
+RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,128}")
+# output.database: a SQL identifier, optionally catalog-qualified (Unity Catalog's catalog.schema).
+DATABASE_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}(\.[A-Za-z_][A-Za-z0-9_]{0,127})?")
+
+
+def check_run_id(run_id: str, key: str = "run.run_id") -> None:
+    """Raise ConfigError unless ``run_id`` is a safe folder name: letters, digits, ``._-``, not . or .."""
+    _require(
+        bool(RUN_ID_PATTERN.fullmatch(run_id)) and run_id not in (".", ".."), key,
+        f"{run_id!r} is not a safe run id: use 1-128 letters, digits, '.', '_' or '-' (not '.' or '..')",
+    )
+
+
+def _location(path: str) -> tuple[str, str, list[str]]:
+    """(scheme, authority, folder names) of a path or URI; schemeless paths are made absolute."""
+    parts = urlsplit(path)
+    folders = parts.path if parts.scheme else os.path.abspath(path)
+    return parts.scheme or "file", parts.netloc, [p for p in folders.split("/") if p not in ("", ".")]
+
+
+def _contains(parent: str, child: str) -> bool:
+    """Whether ``child`` is ``parent`` or lies under it."""
+    (s1, a1, p1), (s2, a2, p2) = _location(parent), _location(child)
+    return (s1, a1) == (s2, a2) and p2[: len(p1)] == p1
+
+
+def _check_path(path: str, key: str) -> None:
+    _require(bool(path.strip()) and path == path.strip(), key, f"{path!r}: expected a path or URI")
+    _require(not any(ord(c) < 32 for c in path), key, f"{path!r}: control characters in a path")
+    _require(".." not in urlsplit(path).path.split("/"), key, f"{path}: '..' is not allowed in a path")
+
+
 def validate(cfg: Config) -> None:
     """Value checks in the spirit of Spark's ParamValidators."""
     lo_hi = cfg.input.rating_range
@@ -304,7 +345,22 @@ def validate(cfg: Config) -> None:
     _require(cfg.evaluate.k >= 1, "evaluate.k", "must be >= 1")
     bad = sorted(set(cfg.evaluate.metrics) - set(METRIC_NAMES))
     _require(not bad, "evaluate.metrics", f"unknown metric {bad[0] if bad else ''} (known: {', '.join(METRIC_NAMES)})")
+    _require(t.eval_every >= 1, "train.eval_every", "must be >= 1")
+    _require(t.eval_sample >= 1, "train.eval_sample", "must be >= 1")
+    if cfg.run.run_id is not None:
+        check_run_id(cfg.run.run_id)
     o = cfg.output
+    _check_path(o.root, "output.root")
+    _check_path(cfg.run.checkpoint_dir, "run.checkpoint_dir")
+    _require(
+        not _contains(cfg.run.checkpoint_dir, o.root), "run.checkpoint_dir",
+        f"{cfg.run.checkpoint_dir} contains output.root {o.root}: a run's checkpoint folder <checkpoint_dir>/<run_id> "
+        "could then be a folder of the lake; use a folder of its own, such as <output.root>/_checkpoints",
+    )
+    _require(
+        o.database is None or bool(DATABASE_PATTERN.fullmatch(o.database)), "output.database",
+        f"{o.database!r} is not a SQL identifier (letters, digits, _; optionally catalog.schema)",
+    )
     _require(o.top_n >= 0, "output.top_n", "must be >= 0")
     _require(o.similar_items >= 0, "output.similar_items", "must be >= 0")
     _require(o.broadcast_max_mb >= 0, "output.broadcast_max_mb", "must be >= 0")

@@ -25,31 +25,11 @@ aggregated in Spark; only the averages reach the driver.
 
 from __future__ import annotations
 
-from pyspark.sql import Column, DataFrame, Window
+from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
 from mfdist import schema as S
-from mfdist.train import Model
-
-
-def dot(a: str, b: str) -> Column:
-    """Dot product of two array<float> columns in SQL (null when either is null)."""
-    return F.aggregate(F.zip_with(a, b, lambda x, y: x * y), F.lit(0.0), lambda acc, v: acc + v)
-
-
-def predict(pairs: DataFrame, model: Model, *, rating_range: list[float] | None = None) -> DataFrame:
-    """``pairs`` (user_idx, item_idx, ...) with ``prediction`` and unseen_user / unseen_item flags."""
-    users = model.users.select(S.USER_IDX, F.col(S.BIAS).alias("_bu"), F.col(S.FACTORS).alias("_p"))
-    items = model.items.select(S.ITEM_IDX, F.col(S.BIAS).alias("_bi"), F.col(S.FACTORS).alias("_q"))
-    joined = pairs.join(users, S.USER_IDX, "left").join(items, S.ITEM_IDX, "left")
-    raw = F.lit(model.mu) + F.coalesce("_bu", F.lit(0.0)) + F.coalesce("_bi", F.lit(0.0)) + F.coalesce(dot("_p", "_q"), F.lit(0.0))
-    pred = raw if rating_range is None else F.least(F.greatest(raw, F.lit(rating_range[0])), F.lit(rating_range[1]))
-    return joined.select(
-        *pairs.columns,
-        pred.alias(S.PREDICTION),
-        F.col("_p").isNull().alias("unseen_user"),
-        F.col("_q").isNull().alias("unseen_item"),
-    )
+from mfdist.model import Model, predict
 
 
 def rating_metrics(test: DataFrame, model: Model, *, rating_range: list[float]) -> dict[str, float]:

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
+from mfdist import lake
 from mfdist import schema as S
 from mfdist.config import ColumnsConfig, InputConfig
 from mfdist.errors import InputError
@@ -46,8 +46,8 @@ class IngestResult:
     rejected_rows: int
 
 
-def _require_path(path: str) -> None:
-    if "://" not in path and not Path(path).exists():
+def _require_path(spark: SparkSession, path: str) -> None:
+    if not lake.FileSystem(spark, path).exists(path):
         raise InputError(f"input path not found: {path}")
 
 
@@ -63,20 +63,20 @@ def _read_double_colon(spark: SparkSession, path: str) -> DataFrame:
     return spark.read.text(path).select(*[parts.getItem(i).alias(n) for i, n in enumerate(_ML_FIELDS)])
 
 
-def movielens_file(path: str) -> str:
+def movielens_file(spark: SparkSession, path: str) -> str:
     """The ratings file of a MovieLens folder (u.data, ratings.dat, ratings.csv) or the file itself."""
-    p = Path(path)
-    if p.is_dir():
+    fs = lake.FileSystem(spark, path)
+    if fs.is_dir(path):
         for name in ("u.data", "ratings.dat", "ratings.csv"):
-            if (p / name).is_file():
-                return str(p / name)
+            if fs.is_file(f"{path.rstrip('/')}/{name}"):
+                return f"{path.rstrip('/')}/{name}"
         raise InputError(f"input.path {path}: no u.data, ratings.dat or ratings.csv in this MovieLens folder")
     return path
 
 
 def read_movielens(spark: SparkSession, path: str) -> DataFrame:
     """Read any MovieLens ratings layout to columns userId, movieId, rating, timestamp (strings)."""
-    file = movielens_file(path)
+    file = movielens_file(spark, path)
     if file.endswith(".dat"):
         return _read_double_colon(spark, file)
     if file.endswith(".csv"):
@@ -94,13 +94,11 @@ def read_source(spark: SparkSession, cfg: InputConfig, path: str | None) -> tupl
         if not spark.catalog.tableExists(path):
             raise InputError(f"input.path: table {path} not found in the catalog")
         return spark.read.table(path), cfg.columns
-    _require_path(path)
+    _require_path(spark, path)
     if fmt == "parquet":
         return spark.read.parquet(path), cfg.columns
     if fmt == "delta":
-        from mfdist.lake import require_delta
-
-        require_delta(spark, "input.format")
+        lake.require_delta(spark, "input.format")
         return spark.read.format("delta").load(path), cfg.columns
     if fmt == "movielens":
         return read_movielens(spark, path), _ML_COLUMNS

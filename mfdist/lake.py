@@ -2,11 +2,11 @@
 
 Layout::
 
-    <root>/<table>/run_id=<id>/part-*.parquet   committed partitions (what readers see)
-    <root>/_staging/<id>/<table>/                a run's tables before commit
-    <root>/runs/run_id=<id>/                     the run record, written last
+    <root>/<table>/run_id=<id>/part-*.parquet   a run's partition of each table
+    <root>/runs/run_id=<id>/                     the run record: running, then succeeded (the commit)
     <root>/_runs/<id>/report/                    the run report (metrics.json, loss curve, report.md)
     <root>/_runs/<id>/artifacts/                 files a stage keeps (the refine MLP head)
+    <root>/_staging/<id>/<table>/                a replacement of a published partition before the swap
 
 With ``output.format: delta`` the tables are Delta tables partitioned by run_id
 at the same paths (``_delta_log`` beside the partitions); staging stays Parquet.
@@ -35,14 +35,20 @@ def partition_path(root: str, table: str, run_id: str) -> str:
     return f"{table_path(root, table)}/{S.RUN_ID}={run_id}"
 
 
-def run_files_path(root: str, run_id: str, kind: str) -> str:
-    """Where a run's non-table files go: ``kind`` is ``report`` or ``artifacts``."""
-    return f"{root.rstrip('/')}/_runs/{run_id}/{kind}"
+def run_files_path(root: str, run_id: str, kind: str | None = None) -> str:
+    """Where a run's non-table files go: ``kind`` is ``report`` or ``artifacts`` (None: the run's folder)."""
+    base = f"{root.rstrip('/')}/_runs/{run_id}"
+    return f"{base}/{kind}" if kind else base
 
 
 def staging_path(root: str, run_id: str, table: str | None = None) -> str:
     base = f"{root.rstrip('/')}/{STAGING}/{run_id}"
     return f"{base}/{table}" if table else base
+
+
+def checkpoint_path(checkpoint_dir: str, run_id: str) -> str:
+    """A run's checkpoints (DSGD's factor blocks and state, ALS's RDD checkpoints): removed when it succeeds."""
+    return f"{checkpoint_dir.rstrip('/')}/{run_id}"
 
 
 def artifacts_path(root: str, run_id: str) -> str:
@@ -62,6 +68,12 @@ class FileSystem:
 
     def exists(self, path: str) -> bool:
         return bool(self._fs.exists(self._path(path)))
+
+    def is_dir(self, path: str) -> bool:
+        return bool(self._fs.isDirectory(self._path(path)))
+
+    def is_file(self, path: str) -> bool:
+        return bool(self._fs.isFile(self._path(path)))
 
     def delete(self, path: str) -> bool:
         return bool(self._fs.delete(self._path(path), True))
@@ -88,11 +100,25 @@ class FileSystem:
         finally:
             stream.close()
 
+    def read_bytes(self, path: str) -> bytes:
+        stream = self._fs.open(self._path(path))
+        try:
+            return bytes(self._jvm.org.apache.commons.io.IOUtils.toByteArray(stream))
+        finally:
+            stream.close()
+
     def list_dirs(self, path: str) -> list[str]:
         """Names of the sub-directories of ``path`` (empty when it does not exist)."""
+        return self._list(path, dirs=True)
+
+    def list_files(self, path: str) -> list[str]:
+        """Names of the files in ``path`` (empty when it does not exist)."""
+        return self._list(path, dirs=False)
+
+    def _list(self, path: str, *, dirs: bool) -> list[str]:
         if not self.exists(path):
             return []
-        return [s.getPath().getName() for s in self._fs.listStatus(self._path(path)) if s.isDirectory()]
+        return [s.getPath().getName() for s in self._fs.listStatus(self._path(path)) if bool(s.isDirectory()) == dirs]
 
 
 def read_table(spark: SparkSession, root: str, table: str) -> DataFrame | None:

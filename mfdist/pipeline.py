@@ -28,7 +28,8 @@ from mfdist.reindex import apply_index, build_index, check_capacity
 from mfdist.report import build_report
 from mfdist.session import release_cached
 from mfdist.split import split
-from mfdist.train import EpochRecord, Model, make_trainer
+from mfdist.model import Model
+from mfdist.train import EpochRecord, make_trainer
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,9 @@ def _index(spark: SparkSession, cfg: Config, ids: DataFrame, *, id_col: str, idx
 
 def run(spark: SparkSession, cfg: Config) -> RunResult:
     """Run every stage for ``cfg`` and publish the run; on failure the run is recorded as failed."""
-    spark.sparkContext.setCheckpointDir(cfg.run.checkpoint_dir)
+    checkpoints = lake.checkpoint_path(cfg.run.checkpoint_dir, cfg.run.run_id)
+    # MLlib's ALS checkpoints its factor RDDs here (Spark puts them in a folder of its own below).
+    spark.sparkContext.setCheckpointDir(f"{checkpoints}/spark")
     # Start from an empty cache, so repeated runs in one session (notebooks, tests) don't pile up blocks.
     release_cached(spark)
     publisher = Publisher(spark, cfg)
@@ -175,8 +178,8 @@ def run(spark: SparkSession, cfg: Config) -> RunResult:
             ev, out = cfg.evaluate, cfg.output
             k_eval = ev.k if set(ev.metrics) & set(RANKING_METRICS + LIST_METRICS) else 0
             recs = recommend(spark, model, train, user_index, item_index, output=out, k=max(out.top_n, k_eval))
-            publisher.stage(S.RECOMMENDATIONS, recs.recommendations)
-            publisher.stage(S.SIMILAR_ITEMS, recs.similar_items)
+            publisher.write(S.RECOMMENDATIONS, recs.recommendations)
+            publisher.write(S.SIMILAR_ITEMS, recs.similar_items)
             info.update(users_listed=recs.listed_users, top_n=out.top_n, similar_items=out.similar_items)
             if k_eval:
                 threshold = relevance_threshold(ev.relevance_threshold, rating_range=lo_hi, implicit=cfg.input.implicit)
@@ -189,20 +192,22 @@ def run(spark: SparkSession, cfg: Config) -> RunResult:
                 info.update({name: round(value, 4) for name, value in ranking.items()})
 
         with metrics.timed("publish") as info:
-            publisher.stage(S.USER_INDEX, user_index)
-            publisher.stage(S.ITEM_INDEX, item_index)
-            publisher.stage(S.USER_FACTORS, factor_table(model.users, user_index, idx_col=S.USER_IDX, refined=refined.users if refined else None))
-            publisher.stage(S.ITEM_FACTORS, factor_table(model.items, item_index, idx_col=S.ITEM_IDX, refined=refined.items if refined else None))
-            publisher.stage(S.REJECTED_RATINGS, rejected)
-            publisher.stage(S.EPOCHS, epochs_frame(spark, epochs))
+            publisher.write(S.USER_INDEX, user_index)
+            publisher.write(S.ITEM_INDEX, item_index)
+            publisher.write(S.USER_FACTORS, factor_table(model.users, user_index, idx_col=S.USER_IDX, refined=refined.users if refined else None))
+            publisher.write(S.ITEM_FACTORS, factor_table(model.items, item_index, idx_col=S.ITEM_IDX, refined=refined.items if refined else None))
+            publisher.write(S.REJECTED_RATINGS, rejected)
+            publisher.write(S.EPOCHS, epochs_frame(spark, epochs))
             info.update(root=cfg.output.root, run_id=cfg.run.run_id)
-        # The publish time is known only now, so the metrics table is staged last.
-        publisher.stage(S.METRICS, metrics_frame(spark, metrics.rows))
-        publisher.stage_report(build_report(record, metrics.rows, epochs, count_by_reason(rejected)))
+        # The publish time is known only now, so the metrics table is written last.
+        publisher.write(S.METRICS, metrics_frame(spark, metrics.rows))
+        publisher.write_report(build_report(record, metrics.rows, epochs, count_by_reason(rejected)))
         record = publisher.commit(record)
     except BaseException as exc:
         publisher.fail(record, exc)
         raise
+    if not cfg.run.keep_checkpoints:
+        lake.FileSystem(spark, checkpoints).delete(checkpoints)
     return RunResult(record=record, model=model, metrics=metrics.as_dict(), epochs=epochs)
 
 

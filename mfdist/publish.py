@@ -1,11 +1,17 @@
-"""Stage 7, publish: write a run's tables to the lake atomically.
+"""Stage 7, publish: write a run's tables to the lake, with the ``runs`` row as the commit.
 
-A run writes every table to ``<root>/_staging/<run_id>/<table>/`` first. Only
-when all are written does :meth:`Publisher.commit` move them into place as the
-``run_id=<id>`` partition of each table (replacing that run's earlier partial
-output, so a rerun with the same run_id is idempotent) and then mark the run
-``succeeded`` in ``runs``. Readers of ``<table>_latest`` select the newest
-succeeded run, so a run killed at any point is never visible to them.
+Each stage writes its tables straight into their ``run_id=<id>`` partition
+(``<root>/<table>/run_id=<id>/``), so every byte is written once, also on
+object stores where a rename is a copy. Readers of ``<table>_latest`` select
+the newest *succeeded* run, and a run's ``runs`` row says ``running`` until
+:meth:`Publisher.commit` rewrites it as ``succeeded`` after every table is
+written: that row is the commit. A run killed at any point stays ``running``
+(or ``failed``) and is never visible through ``_latest``; a rerun with the same
+run_id first marks itself running, then removes that run's partitions and files.
+
+``jobs/recommend.py`` replaces two tables of an already *succeeded* run, which
+readers see; those are written to ``<root>/_staging/<run_id>/`` first and then
+swapped in (:meth:`Publisher.replace`).
 """
 
 from __future__ import annotations
@@ -49,11 +55,11 @@ def now() -> datetime:
 
 @dataclass
 class Publisher:
-    """Stages a run's tables and commits them together; the run record is written last."""
+    """Writes a run's tables into their partitions; the run record is written first (running) and last (succeeded)."""
 
     spark: SparkSession
     cfg: Config
-    staged: list[str] = field(default_factory=list)
+    written: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.root = self.cfg.output.root
@@ -63,37 +69,35 @@ class Publisher:
         if self.delta:
             lake.require_delta(self.spark, "output.format")
 
-    def _staging(self, name: str) -> str:
-        return lake.staging_path(self.root, self.run_id, name)
-
-    def _publish(self, table: str) -> None:
-        """Make the staged ``table`` this run's partition, replacing an earlier attempt's."""
-        src, dst = self._staging(table), lake.partition_path(self.root, table, self.run_id)
+    def _write(self, table: str, df: DataFrame) -> None:
+        """``df`` as this run's partition of ``table``, replacing that partition."""
         if self.delta:
             # Delta commits are atomic per table; replaceWhere swaps exactly this run's partition.
-            staged = self.spark.read.parquet(src).withColumn(S.RUN_ID, F.lit(self.run_id))
-            staged.write.format("delta").mode("overwrite").option("replaceWhere", f"{S.RUN_ID} = '{self.run_id}'") \
+            df.withColumn(S.RUN_ID, F.lit(self.run_id)).write.format("delta").mode("overwrite") \
+                .option("replaceWhere", f"{S.RUN_ID} = {catalog.sql_string(self.run_id)}") \
                 .partitionBy(S.RUN_ID).save(lake.table_path(self.root, table))
-            return
-        self._move(src, dst)
+        else:
+            df.write.mode("overwrite").parquet(lake.partition_path(self.root, table, self.run_id))
 
-    def _move(self, src: str, dst: str) -> None:
+    def _swap_in(self, table: str, df: DataFrame) -> None:
+        """Replace this run's partition of ``table`` by ``df`` written elsewhere first (readers see old or new)."""
+        if self.delta:
+            self._write(table, df)
+            return
+        staged, dst = lake.staging_path(self.root, self.run_id, table), lake.partition_path(self.root, table, self.run_id)
+        df.write.mode("overwrite").parquet(staged)
         self.fs.delete(dst)
-        self.fs.mkdirs(dst.rsplit("/", 1)[0])
-        self.fs.rename(src, dst)
+        self.fs.mkdirs(lake.table_path(self.root, table))
+        self.fs.rename(staged, dst)
 
     def _write_run_record(self, record: RunRecord) -> None:
-        """Replace this run's row in ``runs`` (staged first, so a kill cannot leave half a row)."""
-        self.spark.createDataFrame([record.row()], S.RUNS_SCHEMA).coalesce(1).write.mode("overwrite").parquet(
-            self._staging(S.RUNS)
-        )
-        self._publish(S.RUNS)
+        """Replace this run's row in ``runs`` (swapped in, so a kill cannot leave half a row)."""
+        self._swap_in(S.RUNS, self.spark.createDataFrame([record.row()], S.RUNS_SCHEMA).coalesce(1))
         if self.cfg.output.database:
             catalog.register_run(self.spark, self.cfg, [S.RUNS])
 
     def begin(self) -> RunRecord:
-        """Record the run as ``running`` and clear staging left by an earlier attempt of it."""
-        self.fs.delete(lake.staging_path(self.root, self.run_id))
+        """Record the run as ``running``, then clear what an earlier attempt of it left."""
         record = RunRecord(
             run_id=self.run_id,
             status="running",
@@ -102,46 +106,46 @@ class Publisher:
             config=json.dumps(self.cfg.to_dict(), sort_keys=True),
         )
         self._write_run_record(record)
+        if not self.delta:  # Delta's replaceWhere replaces each partition when it is written
+            for table in S.RUN_TABLES:
+                self.fs.delete(lake.partition_path(self.root, table, self.run_id))
+        self.fs.delete(lake.run_files_path(self.root, self.run_id))
+        self.fs.delete(lake.staging_path(self.root, self.run_id))
         return record
 
-    def stage(self, table: str, df: DataFrame) -> None:
-        """Write ``df`` as this run's ``table`` to staging (not yet visible)."""
-        df.write.mode("overwrite").parquet(self._staging(table))
-        self.staged.append(table)
+    def write(self, table: str, df: DataFrame) -> None:
+        """Write ``df`` as this run's ``table`` (visible through ``_latest`` once the run commits)."""
+        self._write(table, df)
+        self.written.append(table)
 
-    def stage_report(self, files: dict[str, bytes]) -> None:
-        """Stage the run report's files; commit moves them to ``<root>/_runs/<run_id>/report/``."""
+    def write_report(self, files: dict[str, bytes]) -> None:
+        """The run report's files, in ``<root>/_runs/<run_id>/report/``."""
         for name, data in files.items():
-            self.fs.write_bytes(f"{self._staging('_report')}/{name}", data)
-
-    def _commit_staged(self) -> None:
-        for table in self.staged:
-            self._publish(table)
-        if self.cfg.output.database:
-            catalog.register_run(self.spark, self.cfg, self.staged)
+            self.fs.write_bytes(f"{lake.run_files_path(self.root, self.run_id, 'report')}/{name}", data)
 
     def commit(self, record: RunRecord) -> RunRecord:
-        """Publish every staged table and file, then mark the run succeeded (last, so readers switch at once)."""
-        self._commit_staged()
-        if self.fs.exists(self._staging("_report")):
-            self._move(self._staging("_report"), lake.run_files_path(self.root, self.run_id, "report"))
+        """Register the written partitions, then mark the run succeeded (last, so readers switch at once)."""
+        if self.cfg.output.database:
+            catalog.register_run(self.spark, self.cfg, self.written)
         done = replace(record, status="succeeded", finished_at=now())
         self._write_run_record(done)
-        self.fs.delete(lake.staging_path(self.root, self.run_id))
-        log.info("publish: committed %d tables for run %s under %s", len(self.staged), self.run_id, self.root)
+        log.info("publish: committed %d tables for run %s under %s", len(self.written), self.run_id, self.root)
         return done
 
     def fail(self, record: RunRecord, error: BaseException) -> RunRecord:
-        """Mark the run failed; its staged data is left for ``jobs/gc.py`` or a rerun to clear."""
+        """Mark the run failed; its partial partitions stay hidden until a rerun or ``jobs/gc.py`` clears them."""
         failed = replace(record, status="failed", finished_at=now(), error=f"{type(error).__name__}: {error}"[:2000])
         self._write_run_record(failed)
         return failed
 
-    def replace_staged(self) -> None:
-        """Swap the staged tables in as this (already published) run's partitions; its run record is kept."""
-        self._commit_staged()
+    def replace(self, tables: dict[str, DataFrame]) -> None:
+        """Swap ``tables`` in as this (already published) run's partitions; its run record is kept."""
+        for table, df in tables.items():
+            self._swap_in(table, df)
+        if self.cfg.output.database:
+            catalog.register_run(self.spark, self.cfg, list(tables))
         self.fs.delete(lake.staging_path(self.root, self.run_id))
-        log.info("publish: replaced %s of run %s under %s", ", ".join(self.staged), self.run_id, self.root)
+        log.info("publish: replaced %s of run %s under %s", ", ".join(tables), self.run_id, self.root)
 
 
 def factor_table(model_side: DataFrame, index: DataFrame, *, idx_col: str, refined: DataFrame | None = None) -> DataFrame:

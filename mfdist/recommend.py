@@ -52,7 +52,7 @@ from mfdist.publish import Publisher
 from mfdist.reindex import apply_index
 from mfdist.split import split
 from mfdist.topk import C, EXCLUDE, Q, RANK, SCORE, VEC, Blocks
-from mfdist.train import Model
+from mfdist.model import Model
 
 log = logging.getLogger(__name__)
 
@@ -291,10 +291,7 @@ def republish(spark: SparkSession, cfg: Config) -> Recommended:
     model = published_model(spark, root, run_id)
     train = training_ratings(spark, cfg, user_index, item_index)
     result = recommend(spark, model, train, user_index, item_index, output=cfg.output, k=cfg.output.top_n)
-    publisher = Publisher(spark, cfg)
-    publisher.stage(S.RECOMMENDATIONS, result.recommendations)
-    publisher.stage(S.SIMILAR_ITEMS, result.similar_items)
-    publisher.replace_staged()
+    Publisher(spark, cfg).replace({S.RECOMMENDATIONS: result.recommendations, S.SIMILAR_ITEMS: result.similar_items})
     log.info(
         "recommend: run %s rescored in %.1f s: %d of %d users listed, top_n=%d, similar_items=%d",
         run_id, time.perf_counter() - started, result.listed_users, result.eligible_users,

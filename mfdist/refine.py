@@ -66,7 +66,8 @@ from mfdist import lake
 from mfdist import schema as S
 from mfdist.config import Config
 from mfdist.errors import ConfigError
-from mfdist.train import EpochCallback, EpochRecord, Model
+from mfdist.model import Model
+from mfdist.train import EpochCallback, EpochRecord
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ METRICS = "metrics"
 EPOCHS = "epochs"
 REJECTED_RATINGS = "rejected_ratings"
 
-# Tables written per run to staging and committed together at the end; `runs` is written last.
+# Tables written per run into their run_id partition; the `runs` row commits them.
 RUN_TABLES = (
     USER_INDEX,
     ITEM_INDEX,

@@ -1,29 +1,102 @@
-"""Build the SparkSession from the `spark` config section (master never hard-coded)."""
+"""The SparkSession from the `spark` config section, and the checks that need it (master, shared storage)."""
 
 from __future__ import annotations
 
 import logging
+import os
+from urllib.parse import urlsplit
 
 from pyspark.sql import SparkSession
 
+from mfdist import lake
 from mfdist.catalog import local_catalog_conf
 from mfdist.config import Config
+from mfdist.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 # Partition values such as run_id=20261122 must stay strings, whatever they look like.
 _FIXED_CONF = {"spark.sql.sources.partitionColumnTypeInference.enabled": "false"}
 
 
+def launched_by_spark_submit() -> bool:
+    """Whether this driver was started by spark-submit (its JVM, with its --master, already runs)."""
+    return "PYSPARK_GATEWAY_PORT" in os.environ
+
+
 def build_session(cfg: Config) -> SparkSession:
-    """Create (or reuse) the session with `spark.master` and `spark.conf` applied."""
+    """Create (or reuse) the session with `spark.master` and `spark.conf` applied, and check its storage.
+
+    ``spark.master`` from the config applies to ``python jobs/...``; under spark-submit its
+    ``--master`` wins, so ``spark-submit --master spark://... jobs/train.py --conf conf/local.yaml``
+    runs on that cluster.
+    """
     builder = SparkSession.builder.appName(cfg.run.name)
-    if cfg.spark.master:
+    if cfg.spark.master and not launched_by_spark_submit():
         builder = builder.master(cfg.spark.master)
     for key, value in {**cfg.spark.conf, **local_catalog_conf(cfg), **_FIXED_CONF}.items():
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
     logging.getLogger("py4j").setLevel(logging.WARNING)
+    log.info("spark: master %s", master(spark))
+    try:
+        check_shared_storage(spark, cfg)
+    except ConfigError:
+        spark.stop()
+        raise
     return spark
+
+
+def master(spark: SparkSession) -> str:
+    return spark.conf.get("spark.master", "local[*]")
+
+
+def is_local(spark: SparkSession) -> bool:
+    return master(spark).startswith("local")
+
+
+def storage_paths(cfg: Config) -> list[tuple[str, str]]:
+    """(key, path) of every config value that tasks or the driver read or write as a file path."""
+    paths = [("output.root", cfg.output.root), ("run.checkpoint_dir", cfg.run.checkpoint_dir)]
+    if cfg.input.path and cfg.input.format not in ("synthetic", "table"):
+        paths.append(("input.path", cfg.input.path))
+    if cfg.split.method == "file" and cfg.split.test_path:
+        paths.append(("split.test_path", cfg.split.test_path))
+    return paths
+
+
+def check_shared_storage(spark: SparkSession, cfg: Config) -> None:
+    """On a non-local master, raise ConfigError for a relative or driver-local path in the config.
+
+    A URI with a scheme (s3a://, hdfs://, dbfs:/, file:/// on a shared mount ...) is taken as
+    shared; a bare path is shared only when Hadoop's default file system is (HDFS on EMR, DBFS).
+    """
+    if is_local(spark):
+        return
+    for key, path in storage_paths(cfg):
+        if urlsplit(path).scheme:
+            continue
+        if not path.startswith("/"):
+            problem = "a relative path (resolved against the driver's working directory)"
+        elif lake.FileSystem(spark, path).qualify(path).startswith("file:"):
+            problem = "a path on the driver's local disk (Hadoop's default file system is file:)"
+        else:
+            continue
+        raise ConfigError(
+            f"{key}: {path} is {problem}, but spark.master is {master(spark)}: executors on other hosts need "
+            "shared storage; use a URI they all reach (s3a://, abfss://, gs://, hdfs://, dbfs:/, or file:/// on a shared mount)"
+        )
+
+
+def task_slots(spark: SparkSession) -> int:
+    """Tasks the cluster runs at once (executors x cores / spark.task.cpus), as Spark's scheduler counts them.
+
+    ``defaultParallelism`` is that number only while ``spark.default.parallelism`` is unset, and
+    clusters set it for shuffles (thousands); Spark has no public API for the slots.
+    """
+    sc = spark.sparkContext._jsc.sc()
+    return max(1, int(sc.maxNumConcurrentTasks(sc.resourceProfileManager().defaultResourceProfile())))
 
 
 def release_cached(spark: SparkSession) -> None:

@@ -23,19 +23,19 @@ from mfdist.errors import InputError
 _HASH_SCALE = float(2**63)
 
 
-def _unit_hash(seed: int) -> F.Column:
+def unit_hash(seed: int) -> F.Column:
     """A uniform [0, 1) value per (seed, user_idx, item_idx)."""
     return F.abs(F.xxhash64(F.lit(seed), S.USER_IDX, S.ITEM_IDX).cast("double")) / _HASH_SCALE
 
 
 def random_split(ratings: DataFrame, *, test_fraction: float, seed: int) -> tuple[DataFrame, DataFrame]:
-    u = ratings.withColumn("_u", _unit_hash(seed))
+    u = ratings.withColumn("_u", unit_hash(seed))
     return u.where(F.col("_u") >= test_fraction).drop("_u"), u.where(F.col("_u") < test_fraction).drop("_u")
 
 
 def per_user_split(ratings: DataFrame, *, test_fraction: float, seed: int) -> tuple[DataFrame, DataFrame]:
     by_user = Window.partitionBy(S.USER_IDX)
-    ordered = by_user.orderBy(_unit_hash(seed), S.ITEM_IDX)
+    ordered = by_user.orderBy(unit_hash(seed), S.ITEM_IDX)
     ranked = ratings.withColumn("_rn", F.row_number().over(ordered)).withColumn(
         "_n_test", F.round(F.count(F.lit(1)).over(by_user) * test_fraction)
     )

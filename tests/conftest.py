@@ -19,8 +19,19 @@ ML100K = (REPO / ".." / "shared" / "data" / "ml-100k").resolve()
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 
 
+# A Hadoop-only file system for the storage-layer tests: viewfs://mfdist/data/... is a mount of a
+# local folder that Hadoop serves without extra JARs and pyarrow cannot open.
+VIEWFS = "viewfs://mfdist/data"
+
+
 @pytest.fixture(scope="session")
-def spark(tmp_path_factory: pytest.TempPathFactory) -> SparkSession:
+def viewfs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The local folder behind ``VIEWFS``."""
+    return tmp_path_factory.mktemp("viewfs")
+
+
+@pytest.fixture(scope="session")
+def spark(tmp_path_factory: pytest.TempPathFactory, viewfs_dir: Path) -> SparkSession:
     local_dir = tmp_path_factory.mktemp("spark-local")
     session = (
         SparkSession.builder.master("local[2]")
@@ -40,6 +51,7 @@ def spark(tmp_path_factory: pytest.TempPathFactory) -> SparkSession:
         .config("spark.ui.retainedStages", "50")
         .config("spark.ui.retainedTasks", "2000")
         .config("spark.ui.dagGraph.retainedRootRDDs", "50")
+        .config("spark.hadoop.fs.viewfs.mounttable.mfdist.link./data", viewfs_dir.as_uri())
         .getOrCreate()
     )
     session.sparkContext.setLogLevel("ERROR")

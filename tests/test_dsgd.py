@@ -19,9 +19,14 @@ from mfdist.ingest import read_movielens
 from mfdist.pipeline import run
 from mfdist.split import random_split
 from mfdist.synth import generate_ratings
-from mfdist.train import kernel as K
-from mfdist.train import dsgd as D
 from mfdist.train import make_trainer
+from mfdist.train.dsgd import kernel as K
+from mfdist.train.dsgd import layout as L
+from mfdist.train.dsgd import schedule as D
+from mfdist.train.dsgd import tasks
+from mfdist.train.dsgd.checkpoint import CheckpointStore
+from mfdist.train.dsgd.trainer import sub_epoch
+from tests.conftest import VIEWFS
 
 # ---- kernel ---------------------------------------------------------------------------------
 
@@ -52,8 +57,9 @@ def test_kernel_matches_the_numpy_reference(monkeypatch, biases):
     P2, Q2, start = _copy(P), _copy(Q), P.vecs.copy()
     for _ in range(3):
         order = rng.permutation(block.n_sub)
-        K.sgd_block(block, order, P, Q, mu=3.0, lr=0.02, biases=biases)
-        K.sgd_block_numpy(block, order, P2, Q2, mu=3.0, lr=0.02, biases=biases)
+        fast = K.sgd_block(block, order, P, Q, mu=3.0, lr=0.02, biases=biases, rating_range=(1.0, 5.0))
+        slow = K.sgd_block_numpy(block, order, P2, Q2, mu=3.0, lr=0.02, biases=biases, rating_range=(1.0, 5.0))
+        np.testing.assert_allclose(fast, slow, rtol=1e-4)
     for fast, slow in zip(P + Q, P2 + Q2):
         np.testing.assert_allclose(fast, slow, atol=1e-5)
     assert np.abs(P.vecs - start).max() > 0.01
@@ -78,14 +84,15 @@ def test_layout_keeps_every_rating_in_sub_block_order_whatever_the_input_order(m
         assert len(set(block.rows[lo:hi] // side)) == 1 and len(set(block.cols[lo:hi] // side)) == 1
 
 
-def test_evaluate_block_is_the_objective_in_numpy():
+def test_a_pass_returns_the_objective_it_starts_from():
+    """With no step the factors stay put, so the pass's running sums are the objective of those factors."""
     rng = np.random.default_rng(2)
     rows, cols, vals = _random_block(rng, 20, 30, 150)
     block = K.RatingBlock(rows.astype(np.int32), cols.astype(np.int32), vals, np.array([0, len(vals)]))
     P, Q = _side(rng, np.bincount(rows, minlength=20), 3), _side(rng, np.bincount(cols, minlength=30), 3)
     P.bias[:] = rng.standard_normal(20)
     pred = 3.5 + P.bias[rows] + Q.bias[cols] + np.einsum("ij,ij->i", P.vecs[rows], Q.vecs[cols])
-    err = K.evaluate_block(block, P, Q, mu=3.5, rating_range=[1.0, 5.0])
+    err = K.sgd_block(block, np.zeros(1, np.int64), P, Q, mu=3.5, lr=0.0, biases=True, rating_range=(1.0, 5.0))
     penalty = (P.reg * (P.vecs**2).sum(1) + P.bias_reg * P.bias**2)[rows] + (Q.reg * (Q.vecs**2).sum(1) + Q.bias_reg * Q.bias**2)[cols]
     assert err.count == 150
     assert err.sse == pytest.approx(((vals - pred) ** 2).sum(), rel=1e-4)
@@ -140,21 +147,23 @@ def _lineage(jrdd) -> tuple[set[int], list[set[int]]]:
     return narrow, shuffles
 
 
-def test_a_sub_epoch_shuffles_only_the_moving_factor_blocks(spark):
+def _block(kind: str, block: int) -> tasks.FactorBlock:
+    return tasks.FactorBlock(kind, block, None, None, None, None, K.NO_ERRORS)
+
+
+def test_a_sub_epoch_brings_each_task_its_blocks_by_one_shuffle_and_keeps_nothing(spark):
     sc, d, stratum = spark.sparkContext, 3, 2
-    ratings = D._zippable(sc.parallelize(range(d), d).map(lambda b: f"ratings of row {b}")).cache()
-    previous = D._zippable(
-        sc.parallelize(range(d), d).map(lambda b: (f"held {b}", D.FactorBlock((b + 1) % d, None, None, None, None)))
-    ).cache()
-    out = D.sub_epoch(ratings, previous, D.move(previous, stratum, d), lambda item: item)
-    got = out.glom().collect()
-    for b, [((rating, (held, _)), moving)] in enumerate(got):
-        assert (rating, held, moving.block) == (f"ratings of row {b}", f"held {b}", (b + stratum) % d)
+    ratings = L.zippable(sc.parallelize(range(d), d).map(lambda b: f"ratings of row {b}")).cache()
+    previous = sc.parallelize(range(d), d).flatMap(lambda b: [_block(D.HELD, b), _block(D.MOVING, (b + 1) % d)])
+    out = sub_epoch(ratings, previous, stratum=stratum, d=d, step=lambda item: [item])
+    for b, [(rating, routed)] in enumerate(out.glom().collect()):
+        blocks = {fb.kind: fb.block for _, fb in routed}
+        assert (rating, blocks) == (f"ratings of row {b}", {D.HELD: b, D.MOVING: (b + stratum) % d})
     narrow, shuffles = _lineage(out._jrdd)
-    # The ratings and the held blocks arrive through narrow zips; the one exchange carries the
-    # moving blocks out of the previous sub-epoch's output.
-    assert {ratings._jrdd.rdd().id(), previous._jrdd.rdd().id()} <= narrow
-    assert shuffles == [{previous._jrdd.rdd().id()}]
+    # The cached ratings arrive through a narrow zip; the one exchange carries the factor blocks,
+    # and nothing of the previous sub-epoch is persisted (a sub-epoch keeps only its shuffle output).
+    assert narrow == {ratings._jrdd.rdd().id()}
+    assert shuffles == [set()]
 
 
 # ---- the trainer on Spark -------------------------------------------------------------------
@@ -193,8 +202,7 @@ def test_bold_driver_rolls_back_a_diverging_epoch(planted, tmp_path):
     records = make_trainer(cfg).fit(train, test=test).epochs
     assert [r.step_size for r in records] == [100.0, 50.0]
     assert all(not math.isfinite(r.loss) for r in records)
-    store = D.CheckpointStore(f"{tmp_path}/ck/diverge/dsgd")
-    state = store.read_state()
+    state = CheckpointStore(train.sparkSession, f"{tmp_path}/ck/diverge/dsgd").read_state()
     assert (state.epoch, state.kept_epoch, state.step_size) == (2, 0, 25.0)
 
 
@@ -220,6 +228,32 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_to_the_same_result(plant
         np.testing.assert_array_equal(_factors(resumed.model)[side], values)
 
 
+def test_the_per_epoch_test_rmse_is_the_evaluate_stages_on_the_sample(planted, tmp_path):
+    train, test = planted
+    result = make_trainer(_config(tmp_path, "sampled", "train.eval_every=2", "train.epochs=3")).fit(train, test=test)
+    assert [r.test_rmse is not None for r in result.epochs] == [False, True, True]  # every 2nd epoch and the last
+    exact = rating_metrics(test, result.model, rating_range=[1.0, 5.0])["rmse"]
+    assert result.epochs[-1].test_rmse == pytest.approx(exact, abs=1e-6)  # the whole test set fits the sample
+    small = make_trainer(_config(tmp_path, "small-sample", "train.eval_sample=50", "train.epochs=1")).fit(train, test=test)
+    assert small.epochs[0].test_rmse != pytest.approx(exact, abs=1e-6)
+
+
+def test_checkpoints_go_through_hadoop_so_a_hadoop_only_scheme_works(planted, tmp_path, viewfs_dir):
+    """viewfs:// (a Hadoop mount table over a local folder) is a scheme pyarrow's file systems do not know."""
+    import pyarrow.fs as pafs
+
+    with pytest.raises(Exception):
+        pafs.FileSystem.from_uri(f"{VIEWFS}/ck")
+    train, test = planted
+    cfg = _config(tmp_path, "on-viewfs", f"run.checkpoint_dir={VIEWFS}/ck")
+    result = make_trainer(cfg).fit(train, test=test)
+    assert [r.epoch for r in result.epochs] == [1, 2]
+    state = CheckpointStore(train.sparkSession, f"{VIEWFS}/ck/on-viewfs/dsgd").read_state()
+    assert (state.epoch, state.kept_epoch) == (2, 2)
+    assert (viewfs_dir / "ck" / "on-viewfs" / "dsgd" / "epoch-000002" / "_SUCCESS").is_file()
+    assert result.model.users.count() > 0
+
+
 def test_a_checkpoint_with_another_layout_is_a_config_error(planted, tmp_path):
     train, _ = planted
     make_trainer(_config(tmp_path, "same", "train.epochs=1")).fit(train)
@@ -232,8 +266,10 @@ def test_implicit_feedback_is_refused_with_a_pointer_to_als(tmp_path):
         make_trainer(_config(tmp_path, "implicit", "input.implicit=true"))
 
 
-def test_the_job_publishes_dsgd_factors(spark, tmp_path):
-    cfg = _config(tmp_path, "job", f"output.root={tmp_path}/lake", "output.top_n=3", "output.similar_items=2", "evaluate.k=3")
+def test_the_job_publishes_dsgd_factors_and_removes_its_checkpoints(spark, tmp_path, viewfs_dir):
+    root = f"{VIEWFS}/{tmp_path.name}"
+    cfg = _config(tmp_path, "job", f"output.root={root}/lake", f"run.checkpoint_dir={root}/ck", "output.top_n=3",
+                  "output.similar_items=2", "evaluate.k=3")
     result = run(spark, cfg)
     assert result.record.status == "succeeded"
     runs = lake.read_table(spark, cfg.output.root, S.RUNS).first()
@@ -244,6 +280,8 @@ def test_the_job_publishes_dsgd_factors(spark, tmp_path):
     epochs = lake.read_table(spark, cfg.output.root, S.EPOCHS).where(F.col("stage") == "train")
     assert sorted(r.epoch for r in epochs.collect()) == [1, 2]
     assert result.metrics[("evaluate", "rmse")] < 1.0
+    assert (viewfs_dir / tmp_path.name / "lake" / S.USER_FACTORS / "run_id=job").is_dir()
+    assert not (viewfs_dir / tmp_path.name / "ck" / "job").exists()  # run.keep_checkpoints is off
 
 
 @pytest.mark.slow

@@ -1,4 +1,5 @@
-"""Atomic publishing: a killed run is invisible, reruns are idempotent, gc keeps the latest."""
+"""Publishing: the runs row commits a run (a killed run is invisible), reruns are idempotent, unsafe run ids
+are refused before anything is touched, gc keeps the latest and removes what it deletes."""
 
 import os
 import signal
@@ -64,9 +65,10 @@ def test_killed_run_leaves_previous_run_readable_and_rerun_replaces_it(spark, la
             *TINY, "spark.master=local[2]", "spark.conf.spark.sql.shuffle.partitions=2", "output.database=null"]
     proc = subprocess.Popen([sys.executable, "jobs/train.py", "--conf", "conf/local.yaml", "--set", *args],
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    staged = Path(lake.staging_path(str(root), "k1", S.USER_FACTORS))
+    # Tables are written straight into their run_id partition: kill the run while it writes them.
+    partition = Path(lake.partition_path(str(root), S.USER_FACTORS, "k1"))
     deadline = time.time() + 240
-    while not staged.exists() and proc.poll() is None and time.time() < deadline:
+    while not partition.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     assert proc.poll() is None, "the job ended before publish could be interrupted"
     os.killpg(proc.pid, signal.SIGKILL)
@@ -82,6 +84,22 @@ def test_killed_run_leaves_previous_run_readable_and_rerun_replaces_it(spark, la
     assert _latest_counts(spark, root) == {"k1": users_k1}
     factors = lake.read_table(spark, str(root), S.USER_FACTORS).where("run_id = 'k1'")
     assert factors.count() == factors.select("user_id").distinct().count() == users_k1
+
+
+@pytest.mark.parametrize("run_id", ["..", ".", "../lake", "a/b", "x" * 129, "r 1"])
+def test_a_hostile_run_id_exits_2_and_every_earlier_run_stays_readable(spark, lake_with_runs, run_id):
+    root, _ = lake_with_runs
+    before = {t: lake.read_table(spark, str(root), t).count() for t in S.ALL_TABLES}
+    latest = _latest_counts(spark, root)
+    proc = subprocess.run(
+        [sys.executable, "jobs/train.py", "--conf", "conf/local.yaml", "--set", f"output.root={root}", f"run.run_id={run_id}",
+         f"run.checkpoint_dir={root}/_ck", "output.database=null"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: run.run_id:") and "safe run id" in proc.stderr
+    assert {t: lake.read_table(spark, str(root), t).count() for t in S.ALL_TABLES} == before
+    assert _latest_counts(spark, root) == latest
 
 
 def test_gc_job_is_a_dry_run_by_default(lake_with_runs):
@@ -100,11 +118,17 @@ def test_gc_keeps_the_newest_succeeded_runs_and_clears_orphans(spark, lake_with_
     root, _ = lake_with_runs
     orphan = Path(lake.staging_path(str(root), "dead"))
     orphan.mkdir(parents=True)
-    plan = plan_gc(spark, str(root), keep=2)
+    # Checkpoints a run left (a succeeded run's are removed; these stand for a killed attempt's).
+    leftover, kept = root / "_ck" / "g1" / "dsgd", root / "_ck" / "k1" / "dsgd"
+    leftover.mkdir(parents=True)
+    kept.mkdir(parents=True)
+    plan = plan_gc(spark, str(root), keep=2, checkpoint_dir="unused: every run recorded its own")
     # g3 was rerun after g1 and g2 finished, so by finish time the newest two succeeded runs are g3 and k1.
     assert (plan.keep, plan.delete_runs, plan.orphaned_staging) == (["g3", "k1"], ["g1", "g2"], ["dead"])
-    assert plan_gc(spark, str(root), keep=0).keep == ["k1"]
+    assert plan.checkpoints == {"g1": f"{root}/_ck/g1", "g2": f"{root}/_ck/g2"}
+    assert plan_gc(spark, str(root), keep=0, checkpoint_dir="").keep == ["k1"]
     apply_gc(spark, str(root), plan, database=None)
+    assert not leftover.parent.exists() and kept.exists()
     assert {r.run_id for r in lake.read_table(spark, str(root), S.RUNS).collect()} == {"g3", "k1"}
     assert lake.read_table(spark, str(root), S.USER_FACTORS).where(F.col("run_id").isin("g1", "g2")).count() == 0
     assert not orphan.exists()

@@ -13,7 +13,7 @@ from mfdist import schema as S
 from mfdist import topk as K
 from mfdist.config import load_config
 from mfdist.errors import ConfigError
-from mfdist.train import Model
+from mfdist.model import Model
 
 # ---------------------------------------------------------------- brute force
 

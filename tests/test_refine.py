@@ -19,7 +19,7 @@ from mfdist.errors import ConfigError
 from mfdist.pipeline import run
 from mfdist.publish import factor_table
 from mfdist.refine import HELD_OUT, MLP_CONFIG, MLP_WEIGHTS, RefineError, ResidualMLP, plan_block, refine, sample_ids
-from mfdist.train import Model
+from mfdist.model import Model
 
 USERS, ITEMS, RANK, MU = 60, 40, 4, 3.0
 RATINGS_SCHEMA = T.StructType(

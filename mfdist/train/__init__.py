@@ -1,9 +1,7 @@
 """Stage 4, train: the trainer interface and the factory that picks ALS or DSGD.
 
-Every trainer returns a :class:`Model` (the published model
-``r ~ mu + b_u + b_i + p_u . q_i``) whose frames are
-``users``: user_idx int, bias float, factors array<float> and
-``items``: item_idx int, bias float, factors array<float>.
+Every trainer returns a :class:`~mfdist.model.Model` (the published model
+``r ~ mu + b_u + b_i + p_u . q_i``).
 """
 
 from __future__ import annotations
@@ -18,14 +16,7 @@ from pyspark.sql import functions as F
 from mfdist import schema as S
 from mfdist.config import Config
 from mfdist.errors import ModelFitError
-
-
-@dataclass
-class Model:
-    mu: float
-    users: DataFrame
-    items: DataFrame
-    rank: int
+from mfdist.model import Model
 
 
 @dataclass(frozen=True)
@@ -65,7 +56,7 @@ def make_trainer(cfg: Config) -> Trainer:
         from mfdist.train.als import ALSTrainer
 
         return ALSTrainer(cfg)
-    from mfdist.train.dsgd import DSGDTrainer
+    from mfdist.train.dsgd.trainer import DSGDTrainer
 
     return DSGDTrainer(cfg)
 

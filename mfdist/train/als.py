@@ -20,8 +20,9 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from mfdist import schema as S
-from mfdist.evaluate import dot, rating_metrics
-from mfdist.train import EpochCallback, EpochRecord, Model, Trainer, TrainResult, check_finite
+from mfdist.evaluate import rating_metrics
+from mfdist.model import Model, dot
+from mfdist.train import EpochCallback, EpochRecord, Trainer, TrainResult, check_finite
 from mfdist.train.biases import fit_biases, global_mean, residuals
 
 log = logging.getLogger(__name__)

@@ -25,6 +25,10 @@ which is SGD on the objective (sums over the ratings)::
 
     sum (r - r_hat)^2 + sum (rp[u] |P[u]|^2 + rbp[u] bp[u]^2 + rq[i] |Q[i]|^2 + rbq[i] bq[i]^2)
 
+A pass also returns that objective's terms as it meets them (each rating's error
+and penalty just before its update, LIBMF's and Vowpal Wabbit's progressive
+loss): the epoch's training loss costs no second pass over the ratings.
+
 with LIBMF's per-row AdaGrad steps (Chin et al., PAKDD 2015): a row's step
 shrinks with the gradients it has seen, so frequent rows settle while rare rows
 still move, and a large ``lr`` is safe from the first epoch. On the synthetic
@@ -36,12 +40,33 @@ step (the bold driver still scales ``lr`` per epoch).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import logging
+from typing import Callable, NamedTuple
 
 import numpy as np
 from numba import njit
 
 from mfdist.synth import splitmix64
+
+log = logging.getLogger(__name__)
+
+
+def compiled(**options) -> Callable:
+    """``numba.njit(nogil, fastmath, **options)`` with numba's on-disk cache when it has somewhere to write.
+
+    numba refuses ``cache=True`` (at import) where it finds no writable cache folder: a package
+    in a read-only site-packages or a zip on ``--py-files`` on an executor whose home is not
+    writable. There the kernels are compiled once per Python worker instead.
+    """
+    def wrap(fn: Callable) -> Callable:
+        try:
+            return njit(nogil=True, fastmath=True, cache=True, **options)(fn)
+        except RuntimeError as exc:  # numba: "cannot cache function ...: no locator available"
+            if "cannot cache" not in str(exc):
+                raise
+            log.info("numba: no writable cache for %s; compiling it in each worker", fn.__name__)
+            return njit(nogil=True, fastmath=True, cache=False, **options)(fn)
+    return wrap
 
 # A sub-block spans at most SUB_BLOCK_SIDE rows by as many columns, and less when one side's
 # factor rows would pass SUB_BLOCK_BYTES, so its rows and columns stay inside a 1-2 MiB L2
@@ -110,19 +135,14 @@ def penalty_weights(counts: np.ndarray, *, reg: float, bias_reg: float, exponent
     return np.where(seen, factor, 0.0).astype(np.float32), np.where(seen, bias, 0.0).astype(np.float32)
 
 
-@njit(nogil=True, cache=True, fastmath=True, inline="always")
-def _predict(P, Q, bp, bq, u, i, mu):  # pragma: no cover - compiled
-    pred = mu + bp[u] + bq[i]
-    for f in range(P.shape[1]):
-        pred += P[u, f] * Q[i, f]
-    return pred
-
-
 # error_model="numpy": a diverging pass (the bold driver's case) yields inf/NaN, not an exception.
-@njit(nogil=True, cache=True, fastmath=True, error_model="numpy")
-def _sgd(rows, cols, vals, offsets, order, P, Q, bp, bq, rp, rq, rbp, rbq, gp, gq, mu, lr, biases):  # pragma: no cover - compiled
+@compiled(error_model="numpy")
+def _sgd(rows, cols, vals, offsets, order, P, Q, bp, bq, rp, rq, rbp, rbq, gp, gq, mu, lr, biases, lo, hi):  # pragma: no cover - compiled
     k = P.shape[1]
     inv_k = np.float32(1.0 / k)
+    sse = 0.0
+    sse_clipped = 0.0
+    penalty = 0.0
     for s in order:
         for n in range(offsets[s], offsets[s + 1]):
             u = rows[n]
@@ -133,19 +153,28 @@ def _sgd(rows, cols, vals, offsets, order, P, Q, bp, bq, rp, rq, rbp, rbq, gp, g
             dot = np.float32(0.0)
             for f in range(k):
                 dot += p[f] * q[f]
-            e = vals[n] - (mu + bp[u] + bq[i] + dot)
+            pred = mu + bp[u] + bq[i] + dot
+            e = vals[n] - pred
+            c = vals[n] - min(max(pred, lo), hi)
+            sse += e * e
+            sse_clipped += c * c
             lu = lr / np.sqrt(gp[u])
             li = lr / np.sqrt(gq[i])
+            ru = rp[u]
+            ri = rq[i]
+            pen_b = rbp[u] * bp[u] * bp[u] + rbq[i] * bq[i] * bq[i]
             if biases:
                 bp[u] += lu * (e - rbp[u] * bp[u])
                 bq[i] += li * (e - rbq[i] * bq[i])
-            ru = rp[u]
-            ri = rq[i]
             su = np.float32(0.0)
             si = np.float32(0.0)
+            nu = np.float32(0.0)
+            ni = np.float32(0.0)
             for f in range(k):
                 pu = p[f]
                 qi = q[f]
+                nu += pu * pu
+                ni += qi * qi
                 dp = e * qi - ru * pu
                 dq = e * pu - ri * qi
                 p[f] = pu + lu * dp
@@ -154,23 +183,56 @@ def _sgd(rows, cols, vals, offsets, order, P, Q, bp, bq, rp, rq, rbp, rbq, gp, g
                 si += dq * dq
             gp[u] += su * inv_k
             gq[i] += si * inv_k
+            penalty += pen_b + ru * nu + ri * ni
+    return sse, sse_clipped, penalty
 
 
-def sgd_block(block: RatingBlock, order: np.ndarray, rows: Side, cols: Side, *, mu: float, lr: float, biases: bool) -> None:
-    """One SGD pass over ``block`` visiting sub-blocks in ``order``; updates both sides in place."""
-    _sgd(block.rows, block.cols, block.vals, block.offsets, order.astype(np.int64), rows.vecs, cols.vecs,
-         rows.bias, cols.bias, rows.reg, cols.reg, rows.bias_reg, cols.bias_reg, rows.grad_sq, cols.grad_sq,
-         np.float32(mu), np.float32(lr), biases)
+class BlockErrors(NamedTuple):
+    """Sums over ratings: raw and clipped squared errors, the L2 penalty, the count."""
+
+    sse: float
+    sse_clipped: float
+    penalty: float
+    count: int
+
+    def plus(self, other: "BlockErrors") -> "BlockErrors":
+        return BlockErrors(*(a + b for a, b in zip(self, other)))
 
 
-def sgd_block_numpy(block: RatingBlock, order: np.ndarray, rows: Side, cols: Side, *, mu: float, lr: float, biases: bool) -> None:
+NO_ERRORS = BlockErrors(0.0, 0.0, 0.0, 0)
+
+
+def sgd_block(block: RatingBlock, order: np.ndarray, rows: Side, cols: Side, *, mu: float, lr: float, biases: bool,
+              rating_range: tuple[float, float]) -> BlockErrors:
+    """One SGD pass over ``block`` visiting sub-blocks in ``order``; updates both sides in place.
+
+    Returns the objective's terms met on the way (predictions clipped to ``rating_range`` for
+    ``sse_clipped``), each taken just before its rating's update.
+    """
+    lo, hi = rating_range
+    sse, sse_clipped, penalty = _sgd(
+        block.rows, block.cols, block.vals, block.offsets, order.astype(np.int64), rows.vecs, cols.vecs,
+        rows.bias, cols.bias, rows.reg, cols.reg, rows.bias_reg, cols.bias_reg, rows.grad_sq, cols.grad_sq,
+        np.float32(mu), np.float32(lr), biases, np.float32(lo), np.float32(hi),
+    )
+    return BlockErrors(float(sse), float(sse_clipped), float(penalty), len(block.vals))
+
+
+def sgd_block_numpy(block: RatingBlock, order: np.ndarray, rows: Side, cols: Side, *, mu: float, lr: float, biases: bool,
+                    rating_range: tuple[float, float]) -> BlockErrors:
     """The reference of :func:`sgd_block` in plain numpy (slow; for tests)."""
     mu, lr = np.float32(mu), np.float32(lr)
     P, Q, bp, bq = rows.vecs, cols.vecs, rows.bias, cols.bias
+    sums = np.zeros(3)
     for s in order:
         for n in range(block.offsets[s], block.offsets[s + 1]):
             u, i = block.rows[n], block.cols[n]
-            e = block.vals[n] - (mu + bp[u] + bq[i] + np.dot(P[u], Q[i]))
+            pred = mu + bp[u] + bq[i] + np.dot(P[u], Q[i])
+            e = block.vals[n] - pred
+            sums += [
+                e * e, (block.vals[n] - np.clip(pred, *rating_range)) ** 2,
+                rows.reg[u] * P[u] @ P[u] + rows.bias_reg[u] * bp[u] ** 2 + cols.reg[i] * Q[i] @ Q[i] + cols.bias_reg[i] * bq[i] ** 2,
+            ]
             lu, li = lr / np.sqrt(rows.grad_sq[u]), lr / np.sqrt(cols.grad_sq[i])
             if biases:
                 bp[u] += lu * (e - rows.bias_reg[u] * bp[u])
@@ -181,52 +243,4 @@ def sgd_block_numpy(block: RatingBlock, order: np.ndarray, rows: Side, cols: Sid
             Q[i] += li * dq
             rows.grad_sq[u] += np.mean(dp * dp)
             cols.grad_sq[i] += np.mean(dq * dq)
-
-
-@njit(nogil=True, cache=True, fastmath=True)
-def _penalties(X, b, reg, bias_reg):  # pragma: no cover - compiled
-    out = np.empty(X.shape[0])
-    for r in range(X.shape[0]):
-        acc = 0.0
-        for f in range(X.shape[1]):
-            acc += X[r, f] * X[r, f]
-        out[r] = reg[r] * acc + bias_reg[r] * b[r] * b[r]
-    return out
-
-
-@njit(nogil=True, cache=True, fastmath=True)
-def _evaluate(rows, cols, vals, P, Q, bp, bq, rp, rq, rbp, rbq, mu, lo, hi):  # pragma: no cover - compiled
-    p_norm = _penalties(P, bp, rp, rbp)
-    q_norm = _penalties(Q, bq, rq, rbq)
-    sse = 0.0
-    sse_clipped = 0.0
-    penalty = 0.0
-    for n in range(vals.shape[0]):
-        u = rows[n]
-        i = cols[n]
-        pred = _predict(P, Q, bp, bq, u, i, mu)
-        e = vals[n] - pred
-        sse += e * e
-        c = vals[n] - min(max(pred, lo), hi)
-        sse_clipped += c * c
-        penalty += p_norm[u] + q_norm[i]
-    return sse, sse_clipped, penalty
-
-
-class BlockErrors(NamedTuple):
-    """Sums over one block's ratings: raw and clipped squared errors, the L2 penalty, the count."""
-
-    sse: float
-    sse_clipped: float
-    penalty: float
-    count: int
-
-
-def evaluate_block(block: RatingBlock, rows: Side, cols: Side, *, mu: float, rating_range: list[float]) -> BlockErrors:
-    """Squared errors (predictions raw, and clipped to ``rating_range``) and the penalty sum of a block."""
-    lo, hi = rating_range
-    sse, sse_clipped, penalty = _evaluate(
-        block.rows, block.cols, block.vals, rows.vecs, cols.vecs, rows.bias, cols.bias,
-        rows.reg, cols.reg, rows.bias_reg, cols.bias_reg, np.float32(mu), np.float32(lo), np.float32(hi),
-    )
-    return BlockErrors(float(sse), float(sse_clipped), float(penalty), len(block.vals))
+    return BlockErrors(float(sums[0]), float(sums[1]), float(sums[2]), len(block.vals))

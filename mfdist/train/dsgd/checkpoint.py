@@ -1,0 +1,149 @@
+"""DSGD checkpoints: every epoch's factor blocks and the training state, through Spark and Hadoop only.
+
+Layout under ``<run.checkpoint_dir>/<run_id>/dsgd/``::
+
+    epoch-000003/part-*.parquet    one row per factor block (tasks.BLOCK_DDL), written by Spark's writer
+    state/epoch-000003.json        the training state after epoch 3 (newest file wins)
+
+The blocks are written and read with Spark's Parquet writer and reader and the
+state with Hadoop's FileSystem, so any URI the cluster's Spark can write
+(s3a://, abfss://, gs://, dbfs:/, hdfs://, viewfs://) holds checkpoints exactly as
+it holds the lake. Spark's output commit protocol makes an epoch's folder
+complete or absent, also when tasks are retried. An epoch starts from the kept
+epoch's files, which cuts the lineage there; the model frames of a finished fit
+are read from them by tasks, so factors never pass through the driver.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass
+from functools import partial
+from typing import Optional
+
+import numpy as np
+from pyspark import RDD
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from mfdist import lake
+from mfdist import schema as S
+from mfdist.train.dsgd import tasks
+from mfdist.train.dsgd.kernel import NO_ERRORS, BlockErrors
+from mfdist.train.dsgd.schedule import HELD, MOVING, Grid
+
+_STATE_FILE = re.compile(r"epoch-(\d{6})\.json")
+
+
+@dataclass(frozen=True)
+class TrainState:
+    """What a resumed run needs: the last finished epoch and the epoch whose factors are kept."""
+
+    epoch: int
+    kept_epoch: int
+    step_size: float
+    loss: Optional[float]
+    layout: dict
+    mean_counts: list[float]  # mean ratings per trained held / moving row, for the penalty weights
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Some rows of one side, by ascending global index."""
+
+    idx: np.ndarray
+    bias: np.ndarray
+    vecs: np.ndarray
+
+    @staticmethod
+    def concat(packed: list[dict], rank: int) -> "Rows":
+        idx = np.concatenate([np.frombuffer(r["idx"], np.int32) for r in packed] + [np.zeros(0, np.int32)])
+        bias = np.concatenate([np.frombuffer(r["bias"], np.float32) for r in packed] + [np.zeros(0, np.float32)])
+        vecs = np.concatenate([np.frombuffer(r["vecs"], np.float32).reshape(-1, rank) for r in packed] + [np.zeros((0, rank), np.float32)])
+        order = np.argsort(idx)
+        return Rows(idx[order], bias[order], vecs[order])
+
+
+class CheckpointStore:
+    """One fit's checkpoint folder (driver side: the tasks never open files themselves)."""
+
+    def __init__(self, spark: SparkSession, uri: str):
+        self.spark = spark
+        self.uri = uri.rstrip("/")
+        self.fs = lake.FileSystem(spark, self.uri)
+
+    def epoch_path(self, epoch: int) -> str:
+        return f"{self.uri}/epoch-{epoch:06d}"
+
+    def write_blocks(self, epoch: int, blocks: RDD) -> None:
+        """The factor blocks of ``epoch`` (an RDD of FactorBlock): this action runs the epoch."""
+        rows = self.spark.createDataFrame(blocks.map(tasks.block_row), tasks.BLOCK_DDL)
+        rows.write.mode("overwrite").parquet(self.epoch_path(epoch))
+
+    def write_initial(self, ratings: DataFrame, grid: Grid, *, rank: int, seed: int) -> None:
+        """Epoch 0: every block of both sides, built from the rows' rating counts by one task per block."""
+        d = grid.d
+        numbers = self.spark.range(d).select(F.col("id").cast("int").alias("_block"))
+        sides = []
+        for kind in (HELD, MOVING):
+            col = F.col(grid.side_col(kind))
+            counts = ratings.groupBy(col.alias("_idx")).agg(F.count(F.lit(1)).cast("int").alias("_n")).select(
+                (F.col("_idx") % d).cast("int").alias("_block"), (F.col("_idx") / d).cast("int").alias("_row"), "_n",
+            )
+            build = partial(tasks.initial_block, kind=kind, grid=grid, rank=rank, seed=seed)
+            sides.append(numbers.groupBy("_block").cogroup(counts.groupBy("_block")).applyInArrow(build, tasks.BLOCK_DDL))
+        sides[0].unionByName(sides[1]).write.mode("overwrite").parquet(self.epoch_path(0))
+
+    def _rows(self, epoch: int) -> DataFrame:
+        return self.spark.read.schema(tasks.BLOCK_DDL).parquet(self.epoch_path(epoch))
+
+    def read_blocks(self, epoch: int, *, rank: int) -> RDD:
+        """The factor blocks of ``epoch`` as an RDD of FactorBlock (their epoch errors reset)."""
+        return self._rows(epoch).rdd.map(partial(tasks.from_row, rank=rank))
+
+    def inspect(self, epoch: int, grid: Grid, wanted: dict[str, np.ndarray], *, rank: int) -> tuple[BlockErrors, dict[str, Rows]]:
+        """One scan of ``epoch``'s blocks: the epoch's objective terms over all training ratings, and the
+        rows ``wanted`` per side (a bounded set: an evaluation sample's users and items).
+
+        The terms are summed on the driver in block order (d rows), so exactly reproducible.
+        """
+        inspect = partial(tasks.inspect_blocks, wanted=wanted, d=grid.d, rank=rank)
+        columns = ("kind", "block", "vecs", "bias", *BlockErrors._fields[:3], "ratings")
+        rows = sorted(self._rows(epoch).select(*columns).mapInArrow(inspect, tasks.INSPECT_DDL).toArrow().to_pylist(),
+                      key=lambda r: (r["kind"], r["block"]))  # 2 d rows, each with at most the wanted rows
+        held = [BlockErrors(r["sse"], r["sse_clipped"], r["penalty"], r["ratings"]) for r in rows if r["kind"] == HELD]
+        errors = BlockErrors(*(math.fsum(col) for col in zip(*held))) if held else NO_ERRORS
+        return errors, {kind: Rows.concat([r for r in rows if r["kind"] == kind], rank) for kind in (HELD, MOVING)}
+
+    def trained_rows(self, epoch: int) -> dict[str, int]:
+        """Rows with training ratings per side (two numbers)."""
+        rows = self._rows(epoch).groupBy("kind").agg(F.sum("trained").alias("n")).collect()
+        return {r.kind: int(r.n) for r in rows}
+
+    def model_frame(self, epoch: int, grid: Grid, *, idx_col: str, rank: int) -> DataFrame:
+        """One side's model frame (idx, bias, factors) read by tasks from the blocks of ``epoch``."""
+        kind = HELD if idx_col == grid.held_col else MOVING
+        schema = S.MODEL_SCHEMA_USERS if idx_col == S.USER_IDX else S.MODEL_SCHEMA_ITEMS
+        blocks = self._rows(epoch).where(F.col("kind") == kind).select("block", "vecs", "bias", "counts")
+        return blocks.mapInArrow(partial(tasks.model_rows, d=grid.d, rank=rank, idx_col=idx_col), schema)
+
+    def drop_epoch(self, epoch: int) -> None:
+        self.fs.delete(self.epoch_path(epoch))
+
+    def read_state(self) -> Optional[TrainState]:
+        """The state after the newest finished epoch, or None for a fit that never started."""
+        folder = f"{self.uri}/state"
+        files = sorted(name for name in self.fs.list_files(folder) if _STATE_FILE.fullmatch(name))
+        if not files:
+            return None
+        return TrainState(**json.loads(self.fs.read_bytes(f"{folder}/{files[-1]}")))
+
+    def write_state(self, state: TrainState) -> None:
+        """A new state file per epoch, written under a temporary name and renamed: complete or absent."""
+        path = f"{self.uri}/state/epoch-{state.epoch:06d}.json"
+        tmp = f"{self.uri}/state/_{state.epoch:06d}.json.tmp"
+        self.fs.write_bytes(tmp, json.dumps(asdict(state), sort_keys=True).encode())
+        self.fs.delete(path)
+        self.fs.rename(tmp, path)

@@ -1,0 +1,78 @@
+"""The rating strata of a DSGD fit: d cached RDDs, partition b of the s-th is block (b, (b + s) mod d).
+
+Stratum s is cut from the training ratings by a filter in Spark's own engine (the
+cached ratings are scanned once per stratum; only that stratum's ratings reach
+Python), packed into columnar pieces per held block by ``mapInArrow``, and
+brought together in one shuffle per stratum, where each block is laid out in
+cache-sized sub-blocks (:func:`~mfdist.train.dsgd.kernel.layout_block`). So the
+Python work of the layout is one pass over the ratings whatever d is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+from pyspark import RDD, StorageLevel
+from pyspark.serializers import BatchedSerializer, CPickleSerializer
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+
+from mfdist import schema as S
+from mfdist.train.dsgd import tasks
+from mfdist.train.dsgd.schedule import Grid
+
+
+def identity(key: int) -> int:
+    return key
+
+
+_ONE_PER_BATCH = BatchedSerializer(CPickleSerializer(), 1)
+
+
+def zippable(rdd: RDD) -> RDD:
+    """``rdd`` pickled one element per batch (fused into its last Python map).
+
+    PySpark's ``zip`` re-pickles both sides in an extra Python pass unless they share a fixed
+    batch size; every RDD zipped here holds one large element per partition.
+    """
+    return rdd._reserialize(_ONE_PER_BATCH)
+
+
+@dataclass
+class Layout:
+    """The cached rating strata of one fit."""
+
+    grid: Grid
+    ratings: list[RDD]
+
+    def unpersist(self) -> None:
+        for rdd in self.ratings:
+            rdd.unpersist()
+
+
+def cells(ratings: DataFrame, grid: Grid) -> DataFrame:
+    """Each rating's held block _b, stratum _s, local row _r and column _c, and value _v."""
+    d = grid.d
+    held, moving = F.col(grid.held_col), F.col(grid.moving_col)
+    return ratings.select(
+        (held % d).cast("int").alias("_b"), ((moving % d - held % d + d) % d).cast("int").alias("_s"),
+        (held / d).cast("int").alias("_r"), (moving / d).cast("int").alias("_c"), F.col(S.RATING).cast("float").alias("_v"),
+    )
+
+
+def stratum(ratings: DataFrame, grid: Grid, s: int, *, rank: int, seed: int) -> RDD:
+    """Stratum ``s`` as an RDD of d partitions holding one laid-out RatingBlock each (not yet persisted)."""
+    cut = cells(ratings, grid).where(F.col("_s") == s).drop("_s")
+    pieces = cut.mapInArrow(tasks.cut_by_block, tasks.PIECE_DDL).rdd.map(tasks.unpack_piece)
+    blocks = pieces.partitionBy(grid.d, identity).mapPartitionsWithIndex(
+        partial(tasks.layout_partition, stratum=s, rank=rank, seed=seed), preservesPartitioning=True
+    )
+    return zippable(blocks)
+
+
+def lay_out(ratings: DataFrame, grid: Grid, *, rank: int, seed: int) -> Layout:
+    """Every stratum, cached and materialized by one job."""
+    strata = [stratum(ratings, grid, s, rank=rank, seed=seed).persist(StorageLevel.MEMORY_AND_DISK) for s in range(grid.d)]
+    strata[0].context.union(strata).count()
+    return Layout(grid, strata)

@@ -1,0 +1,213 @@
+"""The DSGD trainer: epochs of d sub-epochs, the bold driver, per-epoch checkpoints, evaluation, resume.
+
+See :mod:`mfdist.train.dsgd` for the schedule and the Spark layout.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, replace
+from functools import partial
+from typing import Optional
+
+import numpy as np
+from pyspark import RDD
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+
+from mfdist import lake
+from mfdist import schema as S
+from mfdist.config import Config
+from mfdist.errors import ConfigError
+from mfdist.model import Model
+from mfdist.session import task_slots
+from mfdist.split import unit_hash
+from mfdist.train import EpochCallback, EpochRecord, Trainer, TrainResult, check_finite
+from mfdist.train.dsgd import tasks
+from mfdist.train.dsgd.checkpoint import CheckpointStore, Rows, TrainState
+from mfdist.train.dsgd.kernel import BlockErrors
+from mfdist.train.dsgd.layout import Layout, identity, lay_out, zippable
+from mfdist.train.dsgd.schedule import HELD, MOVING, Grid, grid_for, strata_order
+
+log = logging.getLogger(__name__)
+
+BOLD_DRIVER_UP = 1.05
+BOLD_DRIVER_DOWN = 0.5
+
+
+def sub_epoch(ratings: RDD, blocks: RDD, *, stratum: int, d: int, step) -> RDD:
+    """One stratum: partition b = step((rating block b, [its held and moving factor blocks])).
+
+    ``ratings`` (cached) joins through a narrow zip; the factor blocks of ``blocks`` (the
+    previous sub-epoch's output, or the epoch's checkpoint) arrive by the one shuffle.
+    """
+    routed = blocks.map(partial(tasks.route, stratum=stratum, d=d)).partitionBy(d, identity).glom()
+    return ratings.zip(zippable(routed)).flatMap(step)
+
+
+def run_epoch(layout: Layout, hyper: tasks.Hyper, blocks: RDD, *, lr: float, seed: int, epoch: int) -> RDD:
+    """The d sub-epochs of ``epoch`` from ``blocks`` (the kept factor blocks): the epoch's factor blocks, lazily."""
+    d = layout.grid.d
+    for stratum in strata_order(seed, epoch, d):
+        step = partial(tasks.update, hyper=hyper, lr=lr, seed=seed, epoch=epoch, stratum=stratum)
+        blocks = sub_epoch(layout.ratings[stratum], blocks, stratum=stratum, d=d, step=step)
+    return blocks
+
+
+class DSGDTrainer(Trainer):
+    """Stratified distributed SGD with a compiled block kernel, bold driver and per-epoch checkpoints."""
+
+    def __init__(self, cfg: Config):
+        super().__init__(cfg)
+        if cfg.input.implicit:
+            raise ConfigError(
+                "train.algorithm: dsgd does not support implicit feedback (input.implicit: true) yet; "
+                "use train.algorithm: als, which fits implicit ALS"
+            )
+
+    def fit(self, train: DataFrame, *, test: DataFrame | None = None, callback: EpochCallback | None = None) -> TrainResult:
+        spark = train.sparkSession
+        t, seed, run_id = self.cfg.train, self.cfg.run.seed, self.cfg.run.run_id
+        store = CheckpointStore(spark, f"{lake.checkpoint_path(self.cfg.run.checkpoint_dir, run_id)}/dsgd")
+        previous = store.read_state()
+        stats = _summary(train, test)
+        d = t.blocks or (previous.layout["d"] if previous else task_slots(spark))
+        grid = grid_for(d, users=stats["users"], items=stats["items"], user_col=S.USER_IDX, item_col=S.ITEM_IDX)
+        mu = float(stats["mu"]) if t.biases else 0.0
+        layout_key = {"d": d, "rank": t.rank, "held": grid.held_col, "n_held": grid.n_held, "n_moving": grid.n_moving, "biases": t.biases, "seed": seed}
+        state = _resume_state(previous, layout_key, run_id, store)
+        log.info(
+            "dsgd: d=%d rank=%d reg=%g bias_reg=%g biases=%s held=%s (%d) moving=%s (%d) %s",
+            d, t.rank, t.reg, t.bias_reg, t.biases, grid.held_col, grid.n_held, grid.moving_col, grid.n_moving,
+            f"resuming after epoch {state.epoch}" if state else "from scratch",
+        )
+        records: list[EpochRecord] = []
+        if state is None or state.epoch < t.epochs:
+            if state is None:
+                state = self._start(store, train, grid, layout_key, n_train=stats["n_train"])
+            hyper = tasks.Hyper(
+                rank=t.rank, reg=t.reg, bias_reg=t.bias_reg, biases=t.biases, mu=mu, rating_range=tuple(self.cfg.input.rating_range),
+                mean_held=state.mean_counts[0], mean_moving=state.mean_counts[1],
+            )
+            layout = lay_out(train, grid, rank=t.rank, seed=seed)
+            sample = _eval_sample(test, limit=t.eval_sample, seed=seed)
+            try:
+                for epoch in range(state.epoch + 1, t.epochs + 1):
+                    state, record = self._epoch(layout, hyper, store, state, epoch, sample)
+                    records.append(record)
+                    if callback:
+                        callback(record)
+            finally:
+                layout.unpersist()
+        model = _model(store, state.kept_epoch, grid, mu=mu, rank=t.rank)
+        model.users.cache()
+        model.items.cache()
+        check_finite(model)
+        return TrainResult(model, records)
+
+    def _start(self, store: CheckpointStore, train: DataFrame, grid: Grid, layout_key: dict, *, n_train: int) -> TrainState:
+        """Write epoch 0 (initial factors) and the first state."""
+        t = self.cfg.train
+        store.write_initial(train, grid, rank=t.rank, seed=self.cfg.run.seed)
+        trained = store.trained_rows(0)
+        means = [n_train / max(trained.get(kind, 0), 1) for kind in (HELD, MOVING)]
+        state = TrainState(epoch=0, kept_epoch=0, step_size=t.step_size, loss=None, layout=layout_key, mean_counts=means)
+        store.write_state(state)
+        return state
+
+    def _epoch(self, layout: Layout, hyper: tasks.Hyper, store: CheckpointStore, state: TrainState, epoch: int,
+               sample: Optional[EvalSample]) -> tuple[TrainState, EpochRecord]:
+        """Train one epoch from the kept factors, checkpoint it, and keep or roll it back (bold driver)."""
+        started = time.perf_counter()
+        t, lr = self.cfg.train, state.step_size
+        blocks = run_epoch(layout, hyper, store.read_blocks(state.kept_epoch, rank=t.rank), lr=lr, seed=self.cfg.run.seed, epoch=epoch)
+        store.write_blocks(epoch, blocks)
+        grid = layout.grid
+        evaluate = sample is not None and (epoch % t.eval_every == 0 or epoch == t.epochs)
+        wanted = sample.sides(grid) if evaluate else (np.zeros(0, np.int64), np.zeros(0, np.int64))
+        errors, rows = store.inspect(epoch, grid, {HELD: np.unique(wanted[0]), MOVING: np.unique(wanted[1])}, rank=t.rank)
+        loss = (errors.sse + errors.penalty) / max(errors.count, 1)
+        test_rmse = None
+        if math.isfinite(loss) and (state.loss is None or loss < state.loss):
+            if evaluate:
+                test_rmse = sample.rmse(grid, rows, mu=hyper.mu, rating_range=self.cfg.input.rating_range)
+            dropped, state = state.kept_epoch, replace(state, epoch=epoch, kept_epoch=epoch, step_size=lr * BOLD_DRIVER_UP, loss=loss)
+        else:
+            dropped, state = epoch, replace(state, epoch=epoch, step_size=lr * BOLD_DRIVER_DOWN)
+            log.warning("dsgd epoch %d: loss %s did not improve on %s; rolled back, step %g -> %g", epoch, loss, state.loss, lr, state.step_size)
+        # The state names the kept epoch before the other one's files go, so a kill in between resumes.
+        store.write_state(state)
+        store.drop_epoch(dropped)
+        record = EpochRecord(
+            epoch=epoch, loss=loss, train_rmse=_rmse(errors), test_rmse=test_rmse, step_size=lr, seconds=time.perf_counter() - started,
+        )
+        return state, record
+
+
+def _rmse(err: BlockErrors) -> float:
+    return math.sqrt(err.sse_clipped / err.count) if err.count else float("nan")
+
+
+def _model(store: CheckpointStore, epoch: int, grid: Grid, *, mu: float, rank: int) -> Model:
+    """The model of ``epoch``'s checkpoint (frames read by tasks)."""
+    users = store.model_frame(epoch, grid, idx_col=S.USER_IDX, rank=rank)
+    items = store.model_frame(epoch, grid, idx_col=S.ITEM_IDX, rank=rank)
+    return Model(mu=mu, users=users, items=items, rank=rank)
+
+
+def _summary(train: DataFrame, test: DataFrame | None) -> dict:
+    """Training count and mean, and the index ranges over train and test (bounded results)."""
+    aggs = [F.count(F.lit(1)).alias("n"), F.avg(S.RATING).alias("mu"), F.max(S.USER_IDX).alias("u"), F.max(S.ITEM_IDX).alias("i")]
+    rows = [train.agg(*aggs).first()] + ([test.agg(*aggs).first()] if test is not None else [])
+    users = max(r["u"] or 0 for r in rows) + 1
+    items = max(r["i"] or 0 for r in rows) + 1
+    return {"n_train": rows[0]["n"], "mu": rows[0]["mu"] or 0.0, "users": users, "items": items}
+
+
+@dataclass(frozen=True)
+class EvalSample:
+    """At most ``train.eval_sample`` test ratings, held on the driver, for the per-epoch test RMSE."""
+
+    users: np.ndarray
+    items: np.ndarray
+    ratings: np.ndarray
+
+    def sides(self, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
+        """The sample's (held, moving) indices."""
+        return (self.users, self.items) if grid.held_col == S.USER_IDX else (self.items, self.users)
+
+    def rmse(self, grid: Grid, rows: dict[str, Rows], *, mu: float, rating_range: list[float]) -> float:
+        """Test RMSE on the sample with the factor ``rows`` it needs (predictions clipped as in the evaluate stage)."""
+        held, moving = self.sides(grid)
+        h, m = rows[HELD], rows[MOVING]
+        hi, mi = np.searchsorted(h.idx, held), np.searchsorted(m.idx, moving)
+        pred = mu + h.bias[hi] + m.bias[mi] + np.einsum("ij,ij->i", h.vecs[hi], m.vecs[mi], dtype=np.float64)
+        err = self.ratings - np.clip(pred, *rating_range)
+        return float(np.sqrt(np.mean(err * err)))
+
+
+def _eval_sample(test: DataFrame | None, *, limit: int, seed: int) -> Optional[EvalSample]:
+    """The ``limit`` test ratings first by a seeded hash (all of them when fewer): a bounded collect."""
+    if test is None:
+        return None
+    # Another seed than the split's, so the sample is uniform over the test ratings.
+    kept = test.orderBy(unit_hash(seed + 1), S.USER_IDX, S.ITEM_IDX).limit(limit).select(S.USER_IDX, S.ITEM_IDX, S.RATING)
+    table = kept.toArrow()  # at most train.eval_sample rows
+    if not table.num_rows:
+        return None
+    return EvalSample(*(table.column(c).to_numpy() for c in (S.USER_IDX, S.ITEM_IDX, S.RATING)))
+
+
+def _resume_state(previous: TrainState | None, layout_key: dict, run_id: str, store: CheckpointStore) -> TrainState | None:
+    """The checkpointed state when it matches this run's layout; a mismatch is a config error."""
+    if previous is None:
+        return None
+    if previous.layout != layout_key:
+        changed = sorted(k for k in layout_key if previous.layout.get(k) != layout_key[k])
+        raise ConfigError(
+            f"run.run_id {run_id}: the DSGD checkpoint under {store.uri} was written with other settings "
+            f"({', '.join(f'{k}={previous.layout.get(k)}' for k in changed)}); resume with those or use a new run.run_id"
+        )
+    return previous
