@@ -89,6 +89,7 @@ class Publisher:
         self.fs.delete(dst)
         self.fs.mkdirs(lake.table_path(self.root, table))
         self.fs.rename(staged, dst)
+        self.fs.delete(lake.staging_path(self.root, self.run_id))
 
     def _write_run_record(self, record: RunRecord) -> None:
         """Replace this run's row in ``runs`` (swapped in, so a kill cannot leave half a row)."""
@@ -144,7 +145,6 @@ class Publisher:
             self._swap_in(table, df)
         if self.cfg.output.database:
             catalog.register_run(self.spark, self.cfg, list(tables))
-        self.fs.delete(lake.staging_path(self.root, self.run_id))
         log.info("publish: replaced %s of run %s under %s", ", ".join(tables), self.run_id, self.root)
 
 

@@ -4,6 +4,10 @@ the bold driver, resuming an interrupted run, and the job end to end with train.
 from __future__ import annotations
 
 import math
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +104,29 @@ def test_a_pass_returns_the_objective_it_starts_from():
     assert err.penalty == pytest.approx(penalty.sum(), rel=1e-4)
 
 
+def test_the_kernel_compiles_where_numba_has_no_writable_cache(tmp_path):
+    """A read-only package (here: __pycache__ cannot be made) and a home without a cache folder: no on-disk cache."""
+    package = tmp_path / "site" / "mfdist"
+    shutil.copytree(Path(K.__file__).resolve().parents[2], package, ignore=shutil.ignore_patterns("__pycache__"))
+    for folder in [package, *(p for p in package.rglob("*") if p.is_dir())]:
+        (folder / "__pycache__").write_text("a file where numba would make its cache folder")
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".cache").write_text("not a folder")
+    script = (
+        "import numpy as np; from mfdist.train.dsgd import kernel as K\n"
+        "b = K.layout_block(np.array([0, 1]), np.array([1, 0]), np.array([4.0, 2.0]), rank=2, seed=1)\n"
+        "s = lambda: K.Side(np.full((2, 2), 0.1, np.float32), *(np.zeros(2, np.float32),) * 3, np.ones(2, np.float32))\n"
+        "print(K.sgd_block(b, np.arange(b.n_sub), s(), s(), mu=3.0, lr=0.1, biases=True, rating_range=(1.0, 5.0)).count)\n"
+        "print(K.__file__)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NUMBA_", "XDG_"))}
+    env.update(HOME=str(home), PYTHONPATH=str(package.parent))
+    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["2", str(package / "train" / "dsgd" / "kernel.py")]
+
+
 def test_penalty_weights():
     reg, bias_reg = K.penalty_weights(np.array([0, 1, 4, 16]), reg=0.1, bias_reg=2.0, exponent=0.5, mean_count=4.0)
     np.testing.assert_allclose(reg, [0.0, 0.2, 0.1, 0.05], rtol=1e-6)
@@ -151,14 +178,19 @@ def _block(kind: str, block: int) -> tasks.FactorBlock:
     return tasks.FactorBlock(kind, block, None, None, None, None, K.NO_ERRORS)
 
 
-def test_a_sub_epoch_brings_each_task_its_blocks_by_one_shuffle_and_keeps_nothing(spark):
+@pytest.mark.parametrize("tasks_per_sub_epoch", [3, 2])
+def test_a_sub_epoch_brings_each_task_its_blocks_by_one_shuffle_and_keeps_nothing(spark, tasks_per_sub_epoch):
     sc, d, stratum = spark.sparkContext, 3, 2
-    ratings = L.zippable(sc.parallelize(range(d), d).map(lambda b: f"ratings of row {b}")).cache()
+    grid = D.grid_for(d, slots=tasks_per_sub_epoch, users=9, items=6, user_col="u", item_col="i")
+    rows = [[(b, f"ratings of row {b}") for b in range(t, d, grid.tasks)] for t in range(grid.tasks)]
+    ratings = L.zippable(sc.parallelize(rows, grid.tasks)).cache()
     previous = sc.parallelize(range(d), d).flatMap(lambda b: [_block(D.HELD, b), _block(D.MOVING, (b + 1) % d)])
-    out = sub_epoch(ratings, previous, stratum=stratum, d=d, step=lambda item: [item])
-    for b, [(rating, routed)] in enumerate(out.glom().collect()):
-        blocks = {fb.kind: fb.block for _, fb in routed}
-        assert (rating, blocks) == (f"ratings of row {b}", {D.HELD: b, D.MOVING: (b + stratum) % d})
+    out = sub_epoch(ratings, previous, stratum=stratum, grid=grid, step=lambda item: [item])
+    for t, [(mine, routed)] in enumerate(out.glom().collect()):
+        held = sorted(fb.block for _, fb in routed if fb.kind == D.HELD)
+        moving = sorted(fb.block for _, fb in routed if fb.kind == D.MOVING)
+        assert [b for b, _ in mine] == held == list(range(t, d, grid.tasks))
+        assert moving == sorted((b + stratum) % d for b in held)
     narrow, shuffles = _lineage(out._jrdd)
     # The cached ratings arrive through a narrow zip; the one exchange carries the factor blocks,
     # and nothing of the previous sub-epoch is persisted (a sub-epoch keeps only its shuffle output).
@@ -252,6 +284,20 @@ def test_checkpoints_go_through_hadoop_so_a_hadoop_only_scheme_works(planted, tm
     assert (state.epoch, state.kept_epoch) == (2, 2)
     assert (viewfs_dir / "ck" / "on-viewfs" / "dsgd" / "epoch-000002" / "_SUCCESS").is_file()
     assert result.model.users.count() > 0
+
+
+def test_a_grid_larger_than_the_task_slots_gives_the_same_factors(planted, tmp_path, monkeypatch):
+    """d = 3 run as 3 tasks per sub-epoch and as 1 task doing the stratum's 3 blocks in turn."""
+    import mfdist.train.dsgd.trainer as trainer
+
+    train, _ = planted
+    fits = {}
+    for slots in (3, 1):
+        monkeypatch.setattr(trainer, "task_slots", lambda spark, n=slots: n)
+        fits[slots] = make_trainer(_config(tmp_path, f"slots-{slots}", "train.blocks=3")).fit(train)
+    for side, values in _factors(fits[3].model).items():
+        np.testing.assert_array_equal(_factors(fits[1].model)[side], values)
+    assert fits[3].epochs[-1].loss == fits[1].epochs[-1].loss
 
 
 def test_a_checkpoint_with_another_layout_is_a_config_error(planted, tmp_path):

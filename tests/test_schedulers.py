@@ -32,17 +32,18 @@ def test_databricks_bundle_runs_train_with_prod_conf():
         assert any(lib["whl"].endswith(".whl") for lib in task["libraries"])
 
 
-def test_emr_steps_submit_the_jobs_with_the_wheel():
+def test_emr_steps_submit_the_jobs_with_the_package_zip():
     steps = json.loads((REPO / "conf" / "emr" / "step.json").read_text())
     assert steps and all({"Name", "Type", "ActionOnFailure", "Args"} <= set(s) for s in steps)
     for step in steps:
         args = step["Args"]
         assert step["Type"] == "Spark"
-        assert args[args.index("--py-files") + 1].endswith(".whl")
+        # PySpark puts .zip files from --py-files on the executors' path, never wheels.
+        assert args[args.index("--py-files") + 1].endswith(".zip")
         script = next(a for a in args if a.endswith(".py"))
         assert (REPO / "jobs" / Path(script).name).is_file()
         conf_name = args[args.index("--conf", args.index(script)) + 1]
         assert (REPO / "conf" / conf_name).is_file()
     upload = (REPO / "conf" / "emr" / "upload.sh").read_text()
-    for local in ("jobs/train.py", "jobs/gc.py", "conf/prod.yaml", "conf/emr/bootstrap.sh"):
+    for local in ("jobs/train.py", "jobs/gc.py", "jobs/package.py", "conf/prod.yaml", "conf/emr/bootstrap.sh"):
         assert local in upload and (REPO / local).is_file()

@@ -1,4 +1,5 @@
-"""The rating strata of a DSGD fit: d cached RDDs, partition b of the s-th is block (b, (b + s) mod d).
+"""The rating strata of a DSGD fit: d cached RDDs; partition t of the s-th holds the blocks (b, (b + s) mod d)
+with b mod tasks = t (one block each when tasks = d).
 
 Stratum s is cut from the training ratings by a filter in Spark's own engine (the
 cached ratings are scanned once per stratum; only that stratum's ratings reach
@@ -62,11 +63,11 @@ def cells(ratings: DataFrame, grid: Grid) -> DataFrame:
 
 
 def stratum(ratings: DataFrame, grid: Grid, s: int, *, rank: int, seed: int) -> RDD:
-    """Stratum ``s`` as an RDD of d partitions holding one laid-out RatingBlock each (not yet persisted)."""
+    """Stratum ``s`` as an RDD of ``grid.tasks`` partitions, each one list of (b, laid-out RatingBlock) (not yet persisted)."""
     cut = cells(ratings, grid).where(F.col("_s") == s).drop("_s")
     pieces = cut.mapInArrow(tasks.cut_by_block, tasks.PIECE_DDL).rdd.map(tasks.unpack_piece)
-    blocks = pieces.partitionBy(grid.d, identity).mapPartitionsWithIndex(
-        partial(tasks.layout_partition, stratum=s, rank=rank, seed=seed), preservesPartitioning=True
+    blocks = pieces.partitionBy(grid.tasks, identity).mapPartitionsWithIndex(
+        partial(tasks.layout_partition, grid=grid, stratum=s, rank=rank, seed=seed), preservesPartitioning=True
     )
     return zippable(blocks)
 

@@ -19,7 +19,7 @@ import pyarrow as pa
 from mfdist import schema as S
 from mfdist.synth import splitmix64
 from mfdist.train.dsgd.kernel import NO_ERRORS, BlockErrors, RatingBlock, Side, layout_block, penalty_weights, sgd_block
-from mfdist.train.dsgd.schedule import HELD, MOVING, Grid, task_of
+from mfdist.train.dsgd.schedule import HELD, MOVING, Grid, meets
 
 # The factor penalty of a row grows as (its ratings)^0.6 rather than linearly: on
 # MovieLens 100k this took u1 test RMSE from 0.921 to 0.918 at the same reg (see README).
@@ -178,13 +178,17 @@ def unpack_piece(row) -> tuple[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     return row["_b"], (np.frombuffer(row["rows"], np.int32), np.frombuffer(row["cols"], np.int32), np.frombuffer(row["vals"], np.float32))
 
 
-def layout_partition(b: int, pieces: Iterator[tuple[int, tuple]], *, stratum: int, rank: int, seed: int) -> list[RatingBlock]:
-    """The one rating block of partition b in ``stratum``: its pieces joined and laid out (empty when none)."""
-    parts = [piece for _, piece in pieces]
-    if not parts:
-        return [RatingBlock(np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.float32), np.zeros(1, np.int64))]
-    rows, cols, vals = (np.concatenate(a) for a in zip(*parts))
-    return [layout_block(rows, cols, vals, rank=rank, seed=block_seed(seed, stratum, b))]
+def layout_partition(t: int, pieces: Iterator[tuple[int, tuple]], *, grid: Grid, stratum: int, rank: int,
+                     seed: int) -> list[list[tuple[int, RatingBlock]]]:
+    """Task t's rating blocks of ``stratum``: (b, block) for b = t, t + tasks, ..., each laid out (empty when it has no ratings)."""
+    parts: dict[int, list] = {}
+    for b, piece in pieces:
+        parts.setdefault(b, []).append(piece)
+    blocks = []
+    for b in range(t, grid.d, grid.tasks):
+        rows, cols, vals = (np.concatenate(a) for a in zip(*parts[b])) if b in parts else (np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.float32))
+        blocks.append((b, layout_block(rows, cols, vals, rank=rank, seed=block_seed(seed, stratum, b))))
+    return [blocks]
 
 
 def block_seed(seed: int, *parts: int) -> int:
@@ -198,23 +202,27 @@ def block_seed(seed: int, *parts: int) -> int:
 
 
 def route(fb: FactorBlock, *, stratum: int, d: int) -> tuple[int, FactorBlock]:
-    """(the task that updates ``fb`` in ``stratum``, fb): the key of the sub-epoch's shuffle."""
-    return task_of(fb.kind, fb.block, stratum, d), fb
+    """(the held block ``fb`` meets in ``stratum``, fb): the key of the sub-epoch's shuffle (task = key mod tasks)."""
+    return meets(fb.kind, fb.block, stratum, d), fb
 
 
-def update(item: tuple[RatingBlock, list[tuple[int, FactorBlock]]], *, hyper: Hyper, lr: float, seed: int, epoch: int,
-           stratum: int) -> list[FactorBlock]:
-    """One task of a sub-epoch: SGD over its rating block and its two factor blocks; returns both, updated.
+def update(item: tuple[list[tuple[int, RatingBlock]], list[tuple[int, FactorBlock]]], *, hyper: Hyper, d: int, lr: float,
+           seed: int, epoch: int, stratum: int) -> list[FactorBlock]:
+    """One task of a sub-epoch: SGD over each of its rating blocks (b, (b + stratum) mod d) with the two factor
+    blocks it joins; returns the task's factor blocks, updated.
 
-    The held block adds the pass's objective terms to its epoch's sums. The visiting order
-    of the sub-blocks is seeded by (seed, epoch, stratum, block), so a retry repeats it.
+    A held block adds the pass's objective terms to its epoch's sums. The visiting order of
+    the sub-blocks is seeded by (seed, epoch, stratum, block), so a retry repeats it.
     """
     ratings, routed = item
-    blocks = {fb.kind: fb for _, fb in routed}
-    held, moving = blocks[HELD], blocks[MOVING]
-    order = np.random.default_rng([seed, epoch, 1 + stratum, held.block]).permutation(ratings.n_sub)
-    errors = sgd_block(
-        ratings, order, hyper.side(held), hyper.side(moving), mu=hyper.mu, lr=lr, biases=hyper.biases, rating_range=hyper.rating_range,
-    )
-    return [held._replace(errors=held.errors.plus(errors)), moving]
+    held = {fb.block: fb for _, fb in routed if fb.kind == HELD}
+    moving = {fb.block: fb for _, fb in routed if fb.kind == MOVING}
+    for b, block in ratings:
+        rows, cols = held[b], moving[(b + stratum) % d]
+        order = np.random.default_rng([seed, epoch, 1 + stratum, b]).permutation(block.n_sub)
+        errors = sgd_block(
+            block, order, hyper.side(rows), hyper.side(cols), mu=hyper.mu, lr=lr, biases=hyper.biases, rating_range=hyper.rating_range,
+        )
+        held[b] = rows._replace(errors=rows.errors.plus(errors))
+    return [*held.values(), *moving.values()]
 

@@ -37,22 +37,22 @@ BOLD_DRIVER_UP = 1.05
 BOLD_DRIVER_DOWN = 0.5
 
 
-def sub_epoch(ratings: RDD, blocks: RDD, *, stratum: int, d: int, step) -> RDD:
-    """One stratum: partition b = step((rating block b, [its held and moving factor blocks])).
+def sub_epoch(ratings: RDD, blocks: RDD, *, stratum: int, grid: Grid, step) -> RDD:
+    """One stratum: partition t = step((task t's rating blocks, [the held and moving factor blocks they join])).
 
     ``ratings`` (cached) joins through a narrow zip; the factor blocks of ``blocks`` (the
     previous sub-epoch's output, or the epoch's checkpoint) arrive by the one shuffle.
     """
-    routed = blocks.map(partial(tasks.route, stratum=stratum, d=d)).partitionBy(d, identity).glom()
+    routed = blocks.map(partial(tasks.route, stratum=stratum, d=grid.d)).partitionBy(grid.tasks, identity).glom()
     return ratings.zip(zippable(routed)).flatMap(step)
 
 
 def run_epoch(layout: Layout, hyper: tasks.Hyper, blocks: RDD, *, lr: float, seed: int, epoch: int) -> RDD:
     """The d sub-epochs of ``epoch`` from ``blocks`` (the kept factor blocks): the epoch's factor blocks, lazily."""
-    d = layout.grid.d
-    for stratum in strata_order(seed, epoch, d):
-        step = partial(tasks.update, hyper=hyper, lr=lr, seed=seed, epoch=epoch, stratum=stratum)
-        blocks = sub_epoch(layout.ratings[stratum], blocks, stratum=stratum, d=d, step=step)
+    grid = layout.grid
+    for stratum in strata_order(seed, epoch, grid.d):
+        step = partial(tasks.update, hyper=hyper, d=grid.d, lr=lr, seed=seed, epoch=epoch, stratum=stratum)
+        blocks = sub_epoch(layout.ratings[stratum], blocks, stratum=stratum, grid=grid, step=step)
     return blocks
 
 
@@ -73,14 +73,15 @@ class DSGDTrainer(Trainer):
         store = CheckpointStore(spark, f"{lake.checkpoint_path(self.cfg.run.checkpoint_dir, run_id)}/dsgd")
         previous = store.read_state()
         stats = _summary(train, test)
-        d = t.blocks or (previous.layout["d"] if previous else task_slots(spark))
-        grid = grid_for(d, users=stats["users"], items=stats["items"], user_col=S.USER_IDX, item_col=S.ITEM_IDX)
+        slots = task_slots(spark)
+        d = t.blocks or (previous.layout["d"] if previous else slots)
+        grid = grid_for(d, slots=slots, users=stats["users"], items=stats["items"], user_col=S.USER_IDX, item_col=S.ITEM_IDX)
         mu = float(stats["mu"]) if t.biases else 0.0
         layout_key = {"d": d, "rank": t.rank, "held": grid.held_col, "n_held": grid.n_held, "n_moving": grid.n_moving, "biases": t.biases, "seed": seed}
         state = _resume_state(previous, layout_key, run_id, store)
         log.info(
-            "dsgd: d=%d rank=%d reg=%g bias_reg=%g biases=%s held=%s (%d) moving=%s (%d) %s",
-            d, t.rank, t.reg, t.bias_reg, t.biases, grid.held_col, grid.n_held, grid.moving_col, grid.n_moving,
+            "dsgd: d=%d (%d tasks per sub-epoch) rank=%d reg=%g bias_reg=%g biases=%s held=%s (%d) moving=%s (%d) %s",
+            d, grid.tasks, t.rank, t.reg, t.bias_reg, t.biases, grid.held_col, grid.n_held, grid.moving_col, grid.n_moving,
             f"resuming after epoch {state.epoch}" if state else "from scratch",
         )
         records: list[EpochRecord] = []
