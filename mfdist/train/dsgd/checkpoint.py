@@ -24,7 +24,7 @@ from functools import partial
 from typing import Optional
 
 import numpy as np
-from pyspark import RDD
+from pyspark import RDD, AccumulatorParam
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
@@ -58,12 +58,24 @@ class Rows:
     vecs: np.ndarray
 
     @staticmethod
-    def concat(packed: list[dict], rank: int) -> "Rows":
-        idx = np.concatenate([np.frombuffer(r["idx"], np.int32) for r in packed] + [np.zeros(0, np.int32)])
-        bias = np.concatenate([np.frombuffer(r["bias"], np.float32) for r in packed] + [np.zeros(0, np.float32)])
-        vecs = np.concatenate([np.frombuffer(r["vecs"], np.float32).reshape(-1, rank) for r in packed] + [np.zeros((0, rank), np.float32)])
+    def concat(reports: list[tasks.BlockReport], rank: int) -> "Rows":
+        """The rows the blocks reported."""
+        idx = np.concatenate([r.idx for r in reports] + [np.zeros(0, np.int32)])
+        bias = np.concatenate([r.bias for r in reports] + [np.zeros(0, np.float32)])
+        vecs = np.concatenate([r.vecs for r in reports] + [np.zeros((0, rank), np.float32)])
         order = np.argsort(idx)
         return Rows(idx[order], bias[order], vecs[order])
+
+
+class _Reports(AccumulatorParam):
+    """An accumulator of BlockReport lists (2 d small records per epoch)."""
+
+    def zero(self, value: list) -> list:
+        return []
+
+    def addInPlace(self, a: list, b: list) -> list:
+        a.extend(b)
+        return a
 
 
 class CheckpointStore:
@@ -77,10 +89,20 @@ class CheckpointStore:
     def epoch_path(self, epoch: int) -> str:
         return f"{self.uri}/epoch-{epoch:06d}"
 
-    def write_blocks(self, epoch: int, blocks: RDD) -> None:
-        """The factor blocks of ``epoch`` (an RDD of FactorBlock): this action runs the epoch."""
-        rows = self.spark.createDataFrame(blocks.map(tasks.block_row), tasks.BLOCK_DDL)
-        rows.write.mode("overwrite").parquet(self.epoch_path(epoch))
+    def write_blocks(self, epoch: int, blocks: RDD, grid: Grid, wanted: dict[str, np.ndarray], *, rank: int) -> tuple[BlockErrors, dict[str, Rows]]:
+        """Write the factor blocks of ``epoch`` (an RDD of FactorBlock); this action runs the epoch.
+
+        Returns the epoch's objective terms over all training ratings (summed on the driver in
+        block order, so exactly reproducible) and the rows ``wanted`` per side (a bounded set: an
+        evaluation sample's), both reported by the writing tasks (2 d small records).
+        """
+        report = self.spark.sparkContext.accumulator([], _Reports())
+        rows = blocks.map(partial(tasks.reported_row, report=report, wanted=wanted, d=grid.d))
+        self.spark.createDataFrame(rows, tasks.BLOCK_DDL).write.mode("overwrite").parquet(self.epoch_path(epoch))
+        reports = sorted(report.value, key=lambda r: (r.kind, r.block))
+        held = [r.errors for r in reports if r.kind == HELD]
+        errors = BlockErrors(*(math.fsum(col) for col in zip(*held))) if held else NO_ERRORS
+        return errors, {kind: Rows.concat([r for r in reports if r.kind == kind], rank) for kind in (HELD, MOVING)}
 
     def write_initial(self, ratings: DataFrame, grid: Grid, *, rank: int, seed: int) -> None:
         """Epoch 0: every block of both sides, built from the rows' rating counts by one task per block."""
@@ -102,20 +124,6 @@ class CheckpointStore:
     def read_blocks(self, epoch: int, *, rank: int) -> RDD:
         """The factor blocks of ``epoch`` as an RDD of FactorBlock (their epoch errors reset)."""
         return self._rows(epoch).rdd.map(partial(tasks.from_row, rank=rank))
-
-    def inspect(self, epoch: int, grid: Grid, wanted: dict[str, np.ndarray], *, rank: int) -> tuple[BlockErrors, dict[str, Rows]]:
-        """One scan of ``epoch``'s blocks: the epoch's objective terms over all training ratings, and the
-        rows ``wanted`` per side (a bounded set: an evaluation sample's users and items).
-
-        The terms are summed on the driver in block order (d rows), so exactly reproducible.
-        """
-        inspect = partial(tasks.inspect_blocks, wanted=wanted, d=grid.d, rank=rank)
-        columns = ("kind", "block", "vecs", "bias", *BlockErrors._fields[:3], "ratings")
-        rows = sorted(self._rows(epoch).select(*columns).mapInArrow(inspect, tasks.INSPECT_DDL).toArrow().to_pylist(),
-                      key=lambda r: (r["kind"], r["block"]))  # 2 d rows, each with at most the wanted rows
-        held = [BlockErrors(r["sse"], r["sse_clipped"], r["penalty"], r["ratings"]) for r in rows if r["kind"] == HELD]
-        errors = BlockErrors(*(math.fsum(col) for col in zip(*held))) if held else NO_ERRORS
-        return errors, {kind: Rows.concat([r for r in rows if r["kind"] == kind], rank) for kind in (HELD, MOVING)}
 
     def trained_rows(self, epoch: int) -> dict[str, int]:
         """Rows with training ratings per side (two numbers)."""

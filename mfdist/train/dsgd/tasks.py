@@ -52,6 +52,18 @@ _ARROW_BLOCK_SCHEMA = pa.schema([
     ("counts", pa.binary()), ("grad_sq", pa.binary()), ("sse", pa.float64()), ("sse_clipped", pa.float64()),
     ("penalty", pa.float64()), ("ratings", pa.int64()),
 ])
+NOTHING_WANTED: dict[str, np.ndarray] = {}
+
+
+class BlockReport(NamedTuple):
+    """What the driver learns of a block as its checkpoint row is written: its epoch errors and a few rows."""
+
+    kind: str
+    block: int
+    errors: BlockErrors
+    idx: np.ndarray  # int32 global indices of the rows asked for
+    bias: np.ndarray
+    vecs: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -82,6 +94,24 @@ def block_row(fb: FactorBlock) -> tuple:
         fb.kind, fb.block, int((fb.counts > 0).sum()), fb.vecs.tobytes(), fb.bias.tobytes(), fb.counts.tobytes(),
         fb.grad_sq.tobytes(), *fb.errors,
     )
+
+
+def reported_row(fb: FactorBlock, *, report, wanted: dict[str, np.ndarray], d: int) -> tuple:
+    """``fb``'s checkpoint row; adds a BlockReport with its rows among ``wanted[fb.kind]`` to the accumulator ``report``.
+
+    The row is written by the write job's result stage, whose accumulator updates Spark applies
+    once per partition however often a task is retried.
+    """
+    idx = wanted.get(fb.kind, np.zeros(0, np.int64))
+    idx = idx[idx % d == fb.block]
+    local = idx // d
+    report.add([BlockReport(fb.kind, fb.block, fb.errors, idx.astype(np.int32), fb.bias[local], fb.vecs[local])])
+    return block_row(fb)
+
+
+def fresh(fb: FactorBlock) -> FactorBlock:
+    """``fb`` at the start of an epoch: no errors counted yet."""
+    return fb._replace(errors=NO_ERRORS)
 
 
 def from_row(row, *, rank: int) -> FactorBlock:
@@ -124,27 +154,6 @@ def model_rows(batches: Iterator[pa.RecordBatch], *, d: int, rank: int, idx_col:
                 [pa.array((block + d * keep).astype(np.int32)), pa.array(np.frombuffer(bias, np.float32)[keep]), flat],
                 names=[idx_col, S.BIAS, S.FACTORS],
             )
-
-
-INSPECT_DDL = "kind string, block int, idx binary, bias binary, vecs binary, sse double, sse_clipped double, penalty double, ratings long"
-_INSPECT_SCHEMA = pa.schema([
-    ("kind", pa.string()), ("block", pa.int32()), ("idx", pa.binary()), ("bias", pa.binary()), ("vecs", pa.binary()),
-    ("sse", pa.float64()), ("sse_clipped", pa.float64()), ("penalty", pa.float64()), ("ratings", pa.int64()),
-])
-
-
-def inspect_blocks(batches: Iterator[pa.RecordBatch], *, wanted: dict[str, np.ndarray], d: int, rank: int) -> Iterator[pa.RecordBatch]:
-    """Per checkpoint row: its epoch errors and the rows ``wanted[kind]`` (global indices) of its block, packed."""
-    for batch in batches:
-        rows = batch.to_pylist()
-        for row in rows:
-            idx = wanted[row["kind"]][wanted[row["kind"]] % d == row["block"]]
-            local = idx // d
-            yield pa.RecordBatch.from_pylist([{
-                **{k: row[k] for k in ("kind", "block", "sse", "sse_clipped", "penalty", "ratings")},
-                "idx": idx.astype(np.int32).tobytes(), "bias": np.frombuffer(row["bias"], np.float32)[local].tobytes(),
-                "vecs": np.frombuffer(row["vecs"], np.float32).reshape(-1, rank)[local].tobytes(),
-            }], schema=_INSPECT_SCHEMA)
 
 
 # ---- the rating strata ----------------------------------------------------------------------

@@ -13,7 +13,7 @@ from functools import partial
 from typing import Optional
 
 import numpy as np
-from pyspark import RDD
+from pyspark import RDD, StorageLevel
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
@@ -50,6 +50,7 @@ def sub_epoch(ratings: RDD, blocks: RDD, *, stratum: int, grid: Grid, step) -> R
 def run_epoch(layout: Layout, hyper: tasks.Hyper, blocks: RDD, *, lr: float, seed: int, epoch: int) -> RDD:
     """The d sub-epochs of ``epoch`` from ``blocks`` (the kept factor blocks): the epoch's factor blocks, lazily."""
     grid = layout.grid
+    blocks = blocks.map(tasks.fresh)
     for stratum in strata_order(seed, epoch, grid.d):
         step = partial(tasks.update, hyper=hyper, d=grid.d, lr=lr, seed=seed, epoch=epoch, stratum=stratum)
         blocks = sub_epoch(layout.ratings[stratum], blocks, stratum=stratum, grid=grid, step=step)
@@ -94,14 +95,17 @@ class DSGDTrainer(Trainer):
             )
             layout = lay_out(train, grid, rank=t.rank, seed=seed)
             sample = _eval_sample(test, limit=t.eval_sample, seed=seed)
+            kept: Optional[KeptBlocks] = None
             try:
                 for epoch in range(state.epoch + 1, t.epochs + 1):
-                    state, record = self._epoch(layout, hyper, store, state, epoch, sample)
+                    state, record, kept = self._epoch(layout, hyper, store, state, epoch, sample, kept)
                     records.append(record)
                     if callback:
                         callback(record)
             finally:
                 layout.unpersist()
+                if kept is not None:
+                    kept.rdd.unpersist()
         model = _model(store, state.kept_epoch, grid, mu=mu, rank=t.rank)
         model.users.cache()
         model.items.cache()
@@ -119,32 +123,50 @@ class DSGDTrainer(Trainer):
         return state
 
     def _epoch(self, layout: Layout, hyper: tasks.Hyper, store: CheckpointStore, state: TrainState, epoch: int,
-               sample: Optional[EvalSample]) -> tuple[TrainState, EpochRecord]:
-        """Train one epoch from the kept factors, checkpoint it, and keep or roll it back (bold driver)."""
+               sample: Optional[EvalSample], kept: Optional[KeptBlocks]) -> tuple[TrainState, EpochRecord, Optional[KeptBlocks]]:
+        """Train one epoch from the kept factors, checkpoint it, and keep or roll it back (bold driver).
+
+        The kept epoch's blocks are taken from memory, or from its checkpoint files at the start and
+        every ``train.checkpoint_interval`` epochs, which bounds the lineage a lost block is
+        recomputed through.
+        """
         started = time.perf_counter()
-        t, lr = self.cfg.train, state.step_size
-        blocks = run_epoch(layout, hyper, store.read_blocks(state.kept_epoch, rank=t.rank), lr=lr, seed=self.cfg.run.seed, epoch=epoch)
-        store.write_blocks(epoch, blocks)
-        grid = layout.grid
+        t, grid, lr = self.cfg.train, layout.grid, state.step_size
+        if kept is None or kept.epochs_in_memory >= t.checkpoint_interval:
+            source, chained = store.read_blocks(state.kept_epoch, rank=t.rank), 0
+        else:
+            source, chained = kept.rdd, kept.epochs_in_memory
+        blocks = run_epoch(layout, hyper, source, lr=lr, seed=self.cfg.run.seed, epoch=epoch).persist(StorageLevel.MEMORY_AND_DISK)
         evaluate = sample is not None and (epoch % t.eval_every == 0 or epoch == t.epochs)
-        wanted = sample.sides(grid) if evaluate else (np.zeros(0, np.int64), np.zeros(0, np.int64))
-        errors, rows = store.inspect(epoch, grid, {HELD: np.unique(wanted[0]), MOVING: np.unique(wanted[1])}, rank=t.rank)
+        errors, rows = store.write_blocks(epoch, blocks, grid, sample.wanted(grid) if evaluate else tasks.NOTHING_WANTED, rank=t.rank)
         loss = (errors.sse + errors.penalty) / max(errors.count, 1)
         test_rmse = None
         if math.isfinite(loss) and (state.loss is None or loss < state.loss):
             if evaluate:
                 test_rmse = sample.rmse(grid, rows, mu=hyper.mu, rating_range=self.cfg.input.rating_range)
             dropped, state = state.kept_epoch, replace(state, epoch=epoch, kept_epoch=epoch, step_size=lr * BOLD_DRIVER_UP, loss=loss)
+            replaced, kept = kept, KeptBlocks(blocks, chained + 1)
         else:
             dropped, state = epoch, replace(state, epoch=epoch, step_size=lr * BOLD_DRIVER_DOWN)
             log.warning("dsgd epoch %d: loss %s did not improve on %s; rolled back, step %g -> %g", epoch, loss, state.loss, lr, state.step_size)
+            replaced = KeptBlocks(blocks, 0)
         # The state names the kept epoch before the other one's files go, so a kill in between resumes.
         store.write_state(state)
         store.drop_epoch(dropped)
+        if replaced is not None:
+            replaced.rdd.unpersist()
         record = EpochRecord(
             epoch=epoch, loss=loss, train_rmse=_rmse(errors), test_rmse=test_rmse, step_size=lr, seconds=time.perf_counter() - started,
         )
-        return state, record
+        return state, record, kept
+
+
+@dataclass(frozen=True)
+class KeptBlocks:
+    """The kept epoch's factor blocks, persisted, and the epochs chained in memory since they were last read from files."""
+
+    rdd: RDD
+    epochs_in_memory: int
 
 
 def _rmse(err: BlockErrors) -> float:
@@ -178,6 +200,11 @@ class EvalSample:
     def sides(self, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
         """The sample's (held, moving) indices."""
         return (self.users, self.items) if grid.held_col == S.USER_IDX else (self.items, self.users)
+
+    def wanted(self, grid: Grid) -> dict[str, np.ndarray]:
+        """The factor rows the sample needs, per side."""
+        held, moving = self.sides(grid)
+        return {HELD: np.unique(held), MOVING: np.unique(moving)}
 
     def rmse(self, grid: Grid, rows: dict[str, Rows], *, mu: float, rating_range: list[float]) -> float:
         """Test RMSE on the sample with the factor ``rows`` it needs (predictions clipped as in the evaluate stage)."""
