@@ -20,10 +20,12 @@ workers' start-up for the other):
   minus 1 as indices; ALS with ``conf/local.yaml``'s settings and DSGD with
   ``conf/ml100k-dsgd.yaml``'s (both rank 50), 5-fold means at the end.
 
-Printed per DSGD epoch: wall seconds of the epoch (sub-epochs, evaluation over
-all training and test ratings and the checkpoint), seconds since the fit
-started (the one-off layout included), the training objective (squared errors
-plus penalties, per rating), training and test RMSE and the step size; a
+Printed per DSGD epoch: wall seconds of the epoch (sub-epochs, checkpoint and
+the test RMSE), seconds since the fit started (the one-off layout included),
+the training objective (squared errors plus penalties, per rating, summed by the
+kernel as it passes each rating) and training RMSE (the same progressive
+figure), the test RMSE on ``--eval-sample`` test ratings (``train.eval_sample``;
+default: all of them, so the figure is exact) and the step size; a
 rolled-back epoch (bold driver) is marked and never counts as reaching a
 target. MLlib runs all ALS iterations inside one fit, so ALS prints one row per
 fit: total fit seconds (bias model, iterations, and the train and test RMSE
@@ -58,7 +60,7 @@ from mfdist import schema as S  # noqa: E402
 from harness import bench_session  # noqa: E402
 from mfdist.config import Config, load_config  # noqa: E402
 from mfdist.ingest import read_movielens  # noqa: E402
-from mfdist.session import release_cached  # noqa: E402
+from mfdist.session import release_cached, task_slots  # noqa: E402
 from mfdist.split import random_split  # noqa: E402
 from mfdist.synth import generate_ratings  # noqa: E402
 from mfdist.train import EpochRecord, make_trainer  # noqa: E402
@@ -84,6 +86,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dsgd-epochs", type=int, default=30)
     p.add_argument("--dsgd-reg", type=float, default=0.08)
     p.add_argument("--dsgd-step", type=float, default=0.2)
+    p.add_argument("--eval-sample", type=int, default=10_000_000, help="DSGD's per-epoch test RMSE on this many test ratings (train.eval_sample)")
     p.add_argument("--folds", type=int, nargs="+", default=[1, 2, 3, 4, 5], help="ml-100k folds uN.base / uN.test")
     p.add_argument("--epochs-of-all-folds", action="store_true", help="ml-100k: print DSGD epochs of every fold, not just the first")
     p.add_argument("--master", default="local[2]")
@@ -128,12 +131,13 @@ class EpochLog:
         if kept and self.reached is None and self.target is not None and r.test_rmse is not None and r.test_rmse <= self.target:
             self.reached = (r.epoch, elapsed)
         if not self.quiet:
+            test = "-" if r.test_rmse is None else f"{r.test_rmse:.4f}"  # a rolled-back epoch is not evaluated
             print(f"  {'dsgd':<5} {r.epoch:>5} {r.seconds:>8.2f} {elapsed:>9.2f} {r.loss:>9.4f} {r.train_rmse:>9.4f} "
-                  f"{r.test_rmse:>9.4f} {r.step_size:>8.4g}{'' if kept else '  rolled back'}", flush=True)
+                  f"{test:>9} {r.step_size:>8.4g}{'' if kept else '  rolled back'}", flush=True)
 
     @property
     def last_kept_test(self) -> float:
-        kept = [r.test_rmse for r, _, k in self.records if k]
+        kept = [r.test_rmse for r, _, k in self.records if k and r.test_rmse is not None]
         return kept[-1] if kept else float("nan")
 
 
@@ -210,7 +214,8 @@ def bench_synthetic(spark: SparkSession, args: argparse.Namespace, work: str) ->
     als_cfg = load_config(None, common + ["train.algorithm=als", f"train.epochs={args.als_iterations}", f"train.reg={args.als_reg}",
                                           "train.bias_rounds=1", "run.run_id=synthetic-als"])
     dsgd_cfg = load_config(None, common + ["train.algorithm=dsgd", f"train.epochs={args.dsgd_epochs}", f"train.reg={args.dsgd_reg}",
-                                           f"train.step_size={args.dsgd_step}", "run.run_id=synthetic-dsgd"])
+                                           f"train.step_size={args.dsgd_step}", f"train.eval_sample={args.eval_sample}",
+                                           "run.run_id=synthetic-dsgd"])
     started = time.perf_counter()
     ratings = generate_ratings(spark, cfg=als_cfg.input.synthetic, rating_range=als_cfg.input.rating_range)
     train, test = random_split(_indexed(ratings, S.USER_ID, S.ITEM_ID), test_fraction=0.2, seed=als_cfg.run.seed)
@@ -220,7 +225,7 @@ def bench_synthetic(spark: SparkSession, args: argparse.Namespace, work: str) ->
           f"planted rank {args.planted_rank}, noise {args.noise:g} (generated, written and cached in {time.perf_counter() - started:.0f} s)")
     print(f"   ALS rank {args.rank}, reg {args.als_reg:g}, {args.als_iterations} iterations, 1 bias round; "
           f"DSGD rank {args.rank}, reg {args.dsgd_reg:g}, step {args.dsgd_step:g}, {args.dsgd_epochs} epochs, "
-          f"d = {spark.sparkContext.defaultParallelism}")
+          f"d = {task_slots(spark)}")
     print(f"   untimed warm-up fits on a 1% sample: {warm_up(train, test, als_cfg, dsgd_cfg):.1f} s", flush=True)
     out = compare(train, test, als_cfg, dsgd_cfg, als_curve=tuple(args.als_curve))
     ratio = f"{out['ratio']:.3f}" if out["ratio"] is not None else "n/a (not reached)"

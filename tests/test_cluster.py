@@ -2,9 +2,9 @@
 127.0.0.1) whose executors lack mfdist, with the lake and checkpoints on viewfs:// (Hadoop-only).
 
 Covered: the package reaches executors only through the zip on --py-files (numba kernel included); ALS and
-DSGD end to end, top-N included; a DSGD driver killed after a few epochs and resumed with the same run_id;
-an executor JVM killed mid-training (DSGD: same factors as an undisturbed run; ALS: the run succeeds);
-driver-local paths refused on a cluster.
+DSGD end to end, top-N included, each with an executor JVM killed mid-training (ALS: the run succeeds; DSGD:
+the factors equal those of an undisturbed run of the same job, done here in local mode); a DSGD driver killed
+after a few epochs and resumed with the same run_id (the same factors again); driver-local paths refused.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from pyspark.sql import functions as F
 
 from mfdist import lake
 from mfdist import schema as S
+from mfdist.config import load_config
+from mfdist.pipeline import run
 from tests.cluster import REPO, StandaloneCluster
 
 pytestmark = pytest.mark.cluster
@@ -125,36 +127,34 @@ def test_executors_get_mfdist_only_from_the_zip(cluster, work):
 
 
 def test_als_end_to_end_survives_an_executor_loss(cluster, shared, work, spark):
-    run = cluster.submit(TRAIN, *job(shared, "als-1", "train.algorithm=als", "train.epochs=5"), cwd=work, name="als")
-    run.wait_for(r"train: started", timeout=300)
+    submitted = cluster.submit(TRAIN, *job(shared, "als-1", "train.algorithm=als", "train.epochs=5"), cwd=work, name="als")
+    submitted.wait_for(r"train: started", timeout=300)
     time.sleep(3)
     cluster.kill_an_executor()
-    _succeeds(run)
+    _succeeds(submitted)
     _check_published(spark, shared, "als-1", "als")
 
 
 @pytest.fixture(scope="module")
-def dsgd_reference(cluster, shared, tmp_path_factory, spark) -> np.ndarray:
-    """An undisturbed DSGD run (d = 2 task slots) and its user factors."""
-    work = tmp_path_factory.mktemp("dsgd-reference")
-    out = _succeeds(cluster.submit(TRAIN, *job(shared, "dsgd-ref", *DSGD), cwd=work, name="dsgd"))
-    assert "dsgd: d=2 " in out
-    return _factors(spark, shared, "dsgd-ref")
+def dsgd_reference(spark, tmp_path_factory) -> np.ndarray:
+    """The user factors of an undisturbed run of the same DSGD job (d = 2), in this process's local session."""
+    root = tmp_path_factory.mktemp("dsgd-reference")
+    overrides = job(root, "dsgd-ref", *DSGD)[3:] + [f"output.root={root}/lake", f"run.checkpoint_dir={root}/ck"]
+    result = run(spark, load_config(str(REPO / "conf" / "local.yaml"), overrides))
+    assert result.record.status == "succeeded"
+    return _factors(spark, root, "dsgd-ref")
 
 
-def test_dsgd_end_to_end(dsgd_reference, shared, spark):
-    _check_published(spark, shared, "dsgd-ref", "dsgd")
-    epochs = lake.read_partition(spark, str(shared / "lake"), S.EPOCHS, "dsgd-ref").where(F.col("stage") == "train")
-    assert sorted(r.epoch for r in epochs.collect()) == list(range(1, 6))
-
-
-def test_dsgd_survives_an_executor_loss_with_the_same_factors(cluster, shared, work, spark, dsgd_reference):
-    run = cluster.submit(TRAIN, *job(shared, "dsgd-loss", *DSGD), cwd=work, name="dsgd-loss")
-    run.wait_for(r"train epoch 2:", timeout=300)
+def test_dsgd_end_to_end_survives_an_executor_loss_with_the_same_factors(cluster, shared, work, spark, dsgd_reference):
+    submitted = cluster.submit(TRAIN, *job(shared, "dsgd-loss", *DSGD), cwd=work, name="dsgd-loss")
+    submitted.wait_for(r"train epoch 2:", timeout=300)
     killed = cluster.kill_an_executor()
-    out = _succeeds(run)
+    out = _succeeds(submitted)
     assert killed not in cluster.executor_pids()
-    assert "train epoch 5:" in out
+    assert "dsgd: d=2 " in out and "train epoch 5:" in out
+    _check_published(spark, shared, "dsgd-loss", "dsgd")
+    epochs = lake.read_partition(spark, str(shared / "lake"), S.EPOCHS, "dsgd-loss").where(F.col("stage") == "train")
+    assert sorted(r.epoch for r in epochs.collect()) == list(range(1, 6))
     np.testing.assert_allclose(_factors(spark, shared, "dsgd-loss"), dsgd_reference, atol=1e-4)
 
 
@@ -170,7 +170,7 @@ def test_dsgd_killed_after_a_few_epochs_resumes_with_the_same_run_id(cluster, sh
 
 
 def test_a_driver_local_lake_is_a_config_error_on_a_cluster(cluster, shared, work):
-    run = cluster.submit(TRAIN, *job(shared, "local-root", "output.root=./lake"), cwd=work, name="local-root")
-    assert run.wait(300) == 2
-    assert "output.root: ./lake is a relative path" in run.output() and "shared storage" in run.output()
+    submitted = cluster.submit(TRAIN, *job(shared, "local-root", "output.root=./lake"), cwd=work, name="local-root")
+    assert submitted.wait(300) == 2
+    assert "output.root: ./lake is a relative path" in submitted.output() and "shared storage" in submitted.output()
     assert not (work / "lake").exists()

@@ -9,9 +9,10 @@ The blocks are written and read with Spark's Parquet writer and reader and the
 state with Hadoop's FileSystem, so any URI the cluster's Spark can write
 (s3a://, abfss://, gs://, dbfs:/, hdfs://, viewfs://) holds checkpoints exactly as
 it holds the lake. Spark's output commit protocol makes an epoch's folder
-complete or absent, also when tasks are retried. An epoch starts from the kept
-epoch's files, which cuts the lineage there; the model frames of a finished fit
-are read from them by tasks, so factors never pass through the driver.
+complete or absent, also when tasks are retried. Epochs chain in memory and
+start again from the kept epoch's files every ``train.checkpoint_interval``
+epochs, which cuts the lineage there; the model frames of a finished fit are
+read from those files by tasks, so factors never pass through the driver.
 """
 
 from __future__ import annotations
@@ -98,7 +99,8 @@ class CheckpointStore:
         """
         report = self.spark.sparkContext.accumulator([], _Reports())
         rows = blocks.map(partial(tasks.reported_row, report=report, wanted=wanted, d=grid.d))
-        self.spark.createDataFrame(rows, tasks.BLOCK_DDL).write.mode("overwrite").parquet(self.epoch_path(epoch))
+        # Uncompressed: the factors are floats, which snappy does not shrink but costs time on (0.1-0.2 s an epoch).
+        self.spark.createDataFrame(rows, tasks.BLOCK_DDL).write.mode("overwrite").option("compression", "none").parquet(self.epoch_path(epoch))
         reports = sorted(report.value, key=lambda r: (r.kind, r.block))
         held = [r.errors for r in reports if r.kind == HELD]
         errors = BlockErrors(*(math.fsum(col) for col in zip(*held))) if held else NO_ERRORS

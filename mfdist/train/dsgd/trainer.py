@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Optional
 
@@ -128,15 +128,18 @@ class DSGDTrainer(Trainer):
 
         The kept epoch's blocks are taken from memory, or from its checkpoint files at the start and
         every ``train.checkpoint_interval`` epochs, which bounds the lineage a lost block is
-        recomputed through.
+        recomputed through. The files that lineage starts from (the chain's base) stay until the
+        chain is next read from files: an executor lost mid-chain recomputes its blocks from them.
         """
         started = time.perf_counter()
         t, grid, lr = self.cfg.train, layout.grid, state.step_size
         if kept is None or kept.epochs_in_memory >= t.checkpoint_interval:
-            source, chained = store.read_blocks(state.kept_epoch, rank=t.rank), 0
-        else:
-            source, chained = kept.rdd, kept.epochs_in_memory
-        blocks = run_epoch(layout, hyper, source, lr=lr, seed=self.cfg.run.seed, epoch=epoch).persist(StorageLevel.MEMORY_AND_DISK)
+            if kept is not None:
+                kept.rdd.unpersist()
+                if kept.base != state.kept_epoch:
+                    store.drop_epoch(kept.base)
+            kept = KeptBlocks(store.read_blocks(state.kept_epoch, rank=t.rank), 0, base=state.kept_epoch)
+        blocks = run_epoch(layout, hyper, kept.rdd, lr=lr, seed=self.cfg.run.seed, epoch=epoch).persist(StorageLevel.MEMORY_AND_DISK)
         evaluate = sample is not None and (epoch % t.eval_every == 0 or epoch == t.epochs)
         errors, rows = store.write_blocks(epoch, blocks, grid, sample.wanted(grid) if evaluate else tasks.NOTHING_WANTED, rank=t.rank)
         loss = (errors.sse + errors.penalty) / max(errors.count, 1)
@@ -145,16 +148,16 @@ class DSGDTrainer(Trainer):
             if evaluate:
                 test_rmse = sample.rmse(grid, rows, mu=hyper.mu, rating_range=self.cfg.input.rating_range)
             dropped, state = state.kept_epoch, replace(state, epoch=epoch, kept_epoch=epoch, step_size=lr * BOLD_DRIVER_UP, loss=loss)
-            replaced, kept = kept, KeptBlocks(blocks, chained + 1)
+            finished, kept = kept.rdd, KeptBlocks(blocks, kept.epochs_in_memory + 1, base=kept.base)
         else:
             dropped, state = epoch, replace(state, epoch=epoch, step_size=lr * BOLD_DRIVER_DOWN)
             log.warning("dsgd epoch %d: loss %s did not improve on %s; rolled back, step %g -> %g", epoch, loss, state.loss, lr, state.step_size)
-            replaced = KeptBlocks(blocks, 0)
+            finished = blocks
         # The state names the kept epoch before the other one's files go, so a kill in between resumes.
         store.write_state(state)
-        store.drop_epoch(dropped)
-        if replaced is not None:
-            replaced.rdd.unpersist()
+        if dropped != kept.base:
+            store.drop_epoch(dropped)
+        finished.unpersist()
         record = EpochRecord(
             epoch=epoch, loss=loss, train_rmse=_rmse(errors), test_rmse=test_rmse, step_size=lr, seconds=time.perf_counter() - started,
         )
@@ -167,6 +170,7 @@ class KeptBlocks:
 
     rdd: RDD
     epochs_in_memory: int
+    base: int  # the epoch whose checkpoint files the chain was read from
 
 
 def _rmse(err: BlockErrors) -> float:
@@ -196,15 +200,18 @@ class EvalSample:
     users: np.ndarray
     items: np.ndarray
     ratings: np.ndarray
+    distinct: dict[str, np.ndarray] = field(default_factory=dict)
 
     def sides(self, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
         """The sample's (held, moving) indices."""
         return (self.users, self.items) if grid.held_col == S.USER_IDX else (self.items, self.users)
 
     def wanted(self, grid: Grid) -> dict[str, np.ndarray]:
-        """The factor rows the sample needs, per side."""
-        held, moving = self.sides(grid)
-        return {HELD: np.unique(held), MOVING: np.unique(moving)}
+        """The factor rows the sample needs, per side (found once)."""
+        if not self.distinct:
+            held, moving = self.sides(grid)
+            self.distinct.update({HELD: np.unique(held), MOVING: np.unique(moving)})
+        return self.distinct
 
     def rmse(self, grid: Grid, rows: dict[str, Rows], *, mu: float, rating_range: list[float]) -> float:
         """Test RMSE on the sample with the factor ``rows`` it needs (predictions clipped as in the evaluate stage)."""
