@@ -135,6 +135,18 @@ class OutputConfig:
 
 
 @dataclass(frozen=True)
+class MlflowConfig:
+    enabled: bool = False
+    experiment: Optional[str] = None  # MLflow's default experiment when unset
+    tracking_uri: Optional[str] = None  # MLflow's own default when unset (MLFLOW_TRACKING_URI; Databricks: the workspace)
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+
+
+@dataclass(frozen=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     spark: SparkConfig = field(default_factory=SparkConfig)
@@ -144,6 +156,7 @@ class Config:
     refine: RefineConfig = field(default_factory=RefineConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -13,6 +13,7 @@ import logging
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Iterator
 
 from pyspark.sql import DataFrame, SparkSession
@@ -29,6 +30,7 @@ from mfdist.report import build_report
 from mfdist.session import release_cached
 from mfdist.split import split
 from mfdist.model import Model
+from mfdist.tracking import open_run
 from mfdist.train import EpochRecord, make_trainer
 
 log = logging.getLogger(__name__)
@@ -98,7 +100,9 @@ def run(spark: SparkSession, cfg: Config) -> RunResult:
     record = publisher.begin()
     metrics = Metrics()
     lo_hi = cfg.input.rating_range
+    tracked = None
     try:
+        tracked = open_run(cfg)
         with metrics.timed("ingest") as info:
             train_in, test_in = _ingest_all(spark, cfg)
             parts = [train_in] + ([test_in] if test_in else [])
@@ -136,8 +140,13 @@ def run(spark: SparkSession, cfg: Config) -> RunResult:
 
         epochs: list[tuple] = []
 
+        def record_epoch(stage: str, e: EpochRecord) -> None:
+            epochs.append(_epoch_row(stage, e))
+            if tracked:
+                tracked.log_epoch(stage, e)
+
         def on_epoch(e: EpochRecord) -> None:
-            epochs.append(_epoch_row("train", e))
+            record_epoch("train", e)
             log.info(
                 "train epoch %d: loss=%s train_rmse=%s test_rmse=%s step=%s %.1f s (%.0f ratings/s)",
                 e.epoch, _fmt(e.loss), _fmt(e.train_rmse), _fmt(e.test_rmse), _fmt(e.step_size), e.seconds,
@@ -161,7 +170,7 @@ def run(spark: SparkSession, cfg: Config) -> RunResult:
         refined = None
         if plan:
             with metrics.timed("refine") as info:
-                refined = refine(plan, model, cfg, callback=lambda e: epochs.append(_epoch_row("refine", e)))
+                refined = refine(plan, model, cfg, callback=partial(record_epoch, "refine"))
                 model = refined.model
                 for name, value in refined.metrics.items():
                     metrics.add("refine", name, value)
@@ -201,11 +210,16 @@ def run(spark: SparkSession, cfg: Config) -> RunResult:
             info.update(root=cfg.output.root, run_id=cfg.run.run_id)
         # The publish time is known only now, so the metrics table is written last.
         publisher.write(S.METRICS, metrics_frame(spark, metrics.rows))
-        publisher.write_report(build_report(record, metrics.rows, epochs, count_by_reason(rejected)))
+        report = build_report(record, metrics.rows, epochs, count_by_reason(rejected))
+        publisher.write_report(report)
         record = publisher.commit(record)
     except BaseException as exc:
         publisher.fail(record, exc)
+        if tracked:
+            tracked.fail(exc)
         raise
+    if tracked:
+        tracked.finish(metrics.rows, report)
     if not cfg.run.keep_checkpoints:
         lake.FileSystem(spark, checkpoints).delete(checkpoints)
     return RunResult(record=record, model=model, metrics=metrics.as_dict(), epochs=epochs)

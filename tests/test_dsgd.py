@@ -138,17 +138,23 @@ def test_penalty_weights():
 # ---- schedule and Spark plan ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("d", [1, 2, 3, 5, 8])
-def test_strata_cover_every_block_once_per_epoch_and_never_share_a_row_or_column(d):
+@pytest.mark.parametrize("d, slots", [(1, 1), (2, 2), (3, 3), (5, 5), (8, 8), (3, 2), (8, 2), (8, 3)])
+def test_strata_cover_every_block_once_per_epoch_and_tasks_never_share_a_row_or_column(d, slots):
+    grid = D.grid_for(d, slots=slots, users=100, items=50, user_col="u", item_col="i")
     for epoch in range(1, 4):
-        order = D.strata_order(42, epoch, d)
-        assert sorted(order) == list(range(d))
-        blocks = [blk for s in order for blk in D.stratum_blocks(s, d)]
-        assert sorted(blocks) == [(b, c) for b in range(d) for c in range(d)]
+        order = D.strata_order(42, epoch, grid.tasks)
+        assert sorted(order) == list(range(grid.tasks))
+        done = []
         for s in order:
-            held, moving = zip(*D.stratum_blocks(s, d))
-            assert len(set(held)) == d and len(set(moving)) == d
-            assert all(D.moving_partition(c, s, d) == b for b, c in D.stratum_blocks(s, d))
+            held = [list(grid.blocks_of(t, D.HELD, s)) for t in range(grid.tasks)]
+            moving = [list(grid.blocks_of(t, D.MOVING, s)) for t in range(grid.tasks)]
+            assert sorted(sum(held, [])) == sorted(sum(moving, [])) == list(range(d))  # each block with one task
+            for t in range(grid.tasks):
+                assert all(grid.task_of(D.HELD, h, s) == t for h in held[t])
+                assert all(grid.task_of(D.MOVING, m, s) == t for m in moving[t])
+                done += [(h, m) for h in held[t] for m in moving[t]]
+                assert all(grid.stratum_of(h, m) == s for h in held[t] for m in moving[t])
+        assert sorted(done) == [(h, m) for h in range(d) for m in range(d)]
     assert D.strata_order(42, 1, 8) != D.strata_order(42, 2, 8)
 
 
@@ -180,17 +186,20 @@ def _block(kind: str, block: int) -> tasks.FactorBlock:
 
 @pytest.mark.parametrize("tasks_per_sub_epoch", [3, 2])
 def test_a_sub_epoch_brings_each_task_its_blocks_by_one_shuffle_and_keeps_nothing(spark, tasks_per_sub_epoch):
-    sc, d, stratum = spark.sparkContext, 3, 2
+    sc, d, stratum = spark.sparkContext, 3, 1
     grid = D.grid_for(d, slots=tasks_per_sub_epoch, users=9, items=6, user_col="u", item_col="i")
-    rows = [[(b, f"ratings of row {b}") for b in range(t, d, grid.tasks)] for t in range(grid.tasks)]
+
+    def mine(t: int, kind: str) -> list[int]:
+        return list(grid.blocks_of(t, kind, stratum))
+
+    rows = [[(h, m, "ratings") for h in mine(t, D.HELD) for m in mine(t, D.MOVING)] for t in range(grid.tasks)]
     ratings = L.zippable(sc.parallelize(rows, grid.tasks)).cache()
     previous = sc.parallelize(range(d), d).flatMap(lambda b: [_block(D.HELD, b), _block(D.MOVING, (b + 1) % d)])
     out = sub_epoch(ratings, previous, stratum=stratum, grid=grid, step=lambda item: [item])
-    for t, [(mine, routed)] in enumerate(out.glom().collect()):
-        held = sorted(fb.block for _, fb in routed if fb.kind == D.HELD)
-        moving = sorted(fb.block for _, fb in routed if fb.kind == D.MOVING)
-        assert [b for b, _ in mine] == held == list(range(t, d, grid.tasks))
-        assert moving == sorted((b + stratum) % d for b in held)
+    for t, [(blocks, routed)] in enumerate(out.glom().collect()):
+        assert sorted(fb.block for _, fb in routed if fb.kind == D.HELD) == mine(t, D.HELD)
+        assert sorted(fb.block for _, fb in routed if fb.kind == D.MOVING) == mine(t, D.MOVING)
+        assert {(h, m) for h, m, _ in blocks} == {(h, m) for h in mine(t, D.HELD) for m in mine(t, D.MOVING)}
     narrow, shuffles = _lineage(out._jrdd)
     # The cached ratings arrive through a narrow zip; the one exchange carries the factor blocks,
     # and nothing of the previous sub-epoch is persisted (a sub-epoch keeps only its shuffle output).
@@ -286,18 +295,26 @@ def test_checkpoints_go_through_hadoop_so_a_hadoop_only_scheme_works(planted, tm
     assert result.model.users.count() > 0
 
 
-def test_a_grid_larger_than_the_task_slots_gives_the_same_factors(planted, tmp_path, monkeypatch):
-    """d = 3 run as 3 tasks per sub-epoch and as 1 task doing the stratum's 3 blocks in turn."""
+def test_a_grid_larger_than_the_task_slots_runs_as_many_sub_epochs_as_tasks(planted, tmp_path, monkeypatch):
+    """d = 6 on 2 task slots: an epoch is 2 sub-epochs (each task updates 9 blocks in turn), and it trains as d = 2 does."""
     import mfdist.train.dsgd.trainer as trainer
 
-    train, _ = planted
-    fits = {}
-    for slots in (3, 1):
-        monkeypatch.setattr(trainer, "task_slots", lambda spark, n=slots: n)
-        fits[slots] = make_trainer(_config(tmp_path, f"slots-{slots}", "train.blocks=3")).fit(train)
-    for side, values in _factors(fits[3].model).items():
-        np.testing.assert_array_equal(_factors(fits[1].model)[side], values)
-    assert fits[3].epochs[-1].loss == fits[1].epochs[-1].loss
+    train, test = planted
+    monkeypatch.setattr(trainer, "task_slots", lambda spark: 2)
+    rounds, real = [], trainer.sub_epoch
+
+    def counted(*args, **kwargs):
+        rounds.append(kwargs["stratum"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "sub_epoch", counted)
+    rmse = {}
+    for d in (2, 6):
+        rounds.clear()
+        fit = make_trainer(_config(tmp_path, f"d-{d}", f"train.blocks={d}")).fit(train)
+        assert sorted(rounds) == [0, 0, 1, 1]  # 2 epochs of 2 strata
+        rmse[d] = rating_metrics(test, fit.model, rating_range=[1.0, 5.0])["rmse"]
+    assert rmse[6] == pytest.approx(rmse[2], abs=0.02)
 
 
 def test_a_checkpoint_with_another_layout_is_a_config_error(planted, tmp_path):

@@ -8,7 +8,7 @@ factors array<float>, rows with training ratings only) and one
 
 The parts:
 
-- :mod:`.schedule`: the d x d grid and which block each task updates when;
+- :mod:`.schedule`: the d x d grid and which blocks each task updates when;
 - :mod:`.layout`: the rating strata, laid out once per fit and cached;
 - :mod:`.kernel`: the compiled SGD pass over one block (numba);
 - :mod:`.tasks`: everything that runs in the Python workers;
@@ -58,11 +58,21 @@ Worked example (d = 2; six users, four items, nine ratings)::
 
   Every block is updated once per epoch; user block b stays with task b.
 
+More blocks than task slots (d > T = ``Grid.tasks``): block b belongs to group
+b mod T, and the T x T grid of groups is scheduled as above: an epoch is T
+strata, and in stratum s task t updates, one after another, every rating block
+(h, m) with h mod T = t and m mod T = (t + s) mod T, that is (d / T)^2 blocks.
+So the number of sub-epochs, each a Spark stage with its shuffle, is the number
+of tasks, not d; d only sets how finely the ratings and factors are cut (a
+pinned ``train.blocks`` keeps its layout on a smaller cluster at the cost of a
+larger cluster's speed, never of d stages per epoch).
+
 Spark layout: a sub-epoch is ``ratings[s].zip(routed)`` mapped through the
-kernel, where ``routed`` is the previous sub-epoch's output (or the epoch's
-checkpoint) keyed by task and ``partitionBy(d)``: that shuffle is the only
-exchange, and nothing but the ratings is persisted, so a sub-epoch keeps only
-what the next one needs (the shuffle files) whatever d is. A held block's key
+kernel, where ``routed`` is the previous sub-epoch's output (or the kept
+epoch's blocks) keyed by task and ``partitionBy(T)``: that shuffle is the only
+exchange, and a sub-epoch persists nothing (the ratings and the kept epoch's
+blocks are), so it keeps only what the next one needs (the shuffle files)
+whatever d is. A held block's key
 does not change, and Spark runs reduce task b where most of its input was
 written, so on a cluster it is mostly the moving blocks that cross the network.
 The whole epoch is one Spark job (the checkpoint write).

@@ -1,5 +1,5 @@
-"""The rating strata of a DSGD fit: d cached RDDs; partition t of the s-th holds the blocks (b, (b + s) mod d)
-with b mod tasks = t (one block each when tasks = d).
+"""The rating strata of a DSGD fit: one cached RDD per stratum; partition t of the s-th holds task t's rating
+blocks of stratum s (see :class:`~mfdist.train.dsgd.schedule.Grid`; one block each when tasks = d).
 
 Stratum s is cut from the training ratings by a filter in Spark's own engine (the
 cached ratings are scanned once per stratum; only that stratum's ratings reach
@@ -53,17 +53,19 @@ class Layout:
 
 
 def cells(ratings: DataFrame, grid: Grid) -> DataFrame:
-    """Each rating's held block _b, stratum _s, local row _r and column _c, and value _v."""
-    d = grid.d
-    held, moving = F.col(grid.held_col), F.col(grid.moving_col)
+    """Each rating's held block _b, moving block _m, stratum _s, local row _r and column _c, and value _v."""
+    d, tasks = grid.d, grid.tasks
+    held, moving = F.col(grid.held_col) % d, F.col(grid.moving_col) % d
     return ratings.select(
-        (held % d).cast("int").alias("_b"), ((moving % d - held % d + d) % d).cast("int").alias("_s"),
-        (held / d).cast("int").alias("_r"), (moving / d).cast("int").alias("_c"), F.col(S.RATING).cast("float").alias("_v"),
+        held.cast("int").alias("_b"), moving.cast("int").alias("_m"),
+        ((moving % tasks - held % tasks + tasks) % tasks).cast("int").alias("_s"),
+        (F.col(grid.held_col) / d).cast("int").alias("_r"), (F.col(grid.moving_col) / d).cast("int").alias("_c"),
+        F.col(S.RATING).cast("float").alias("_v"),
     )
 
 
 def stratum(ratings: DataFrame, grid: Grid, s: int, *, rank: int, seed: int) -> RDD:
-    """Stratum ``s`` as an RDD of ``grid.tasks`` partitions, each one list of (b, laid-out RatingBlock) (not yet persisted)."""
+    """Stratum ``s`` as an RDD of ``grid.tasks`` partitions, each one list of (h, m, laid-out RatingBlock) (not yet persisted)."""
     cut = cells(ratings, grid).where(F.col("_s") == s).drop("_s")
     pieces = cut.mapInArrow(tasks.cut_by_block, tasks.PIECE_DDL).rdd.map(tasks.unpack_piece)
     blocks = pieces.partitionBy(grid.tasks, identity).mapPartitionsWithIndex(
@@ -74,6 +76,6 @@ def stratum(ratings: DataFrame, grid: Grid, s: int, *, rank: int, seed: int) -> 
 
 def lay_out(ratings: DataFrame, grid: Grid, *, rank: int, seed: int) -> Layout:
     """Every stratum, cached and materialized by one job."""
-    strata = [stratum(ratings, grid, s, rank=rank, seed=seed).persist(StorageLevel.MEMORY_AND_DISK) for s in range(grid.d)]
+    strata = [stratum(ratings, grid, s, rank=rank, seed=seed).persist(StorageLevel.MEMORY_AND_DISK) for s in range(grid.tasks)]
     strata[0].context.union(strata).count()
     return Layout(grid, strata)

@@ -1,4 +1,4 @@
-"""The d x d blocking and the stratum schedule of DSGD (which block each task updates in each sub-epoch)."""
+"""The d x d blocking and the strata schedule of DSGD (which blocks each task updates in each sub-epoch)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,12 @@ HELD, MOVING = "held", "moving"
 class Grid:
     """The d x d blocking; ``held`` is the larger side. Block b of a side holds indices b, b + d, b + 2d, ...
 
-    A sub-epoch runs as ``tasks`` Spark tasks (d, or the task slots when d is larger): task t
-    updates the stratum's blocks (b, .) with b mod tasks = t one after another. The blocks of a
-    stratum share no rows, so the result does not depend on ``tasks``.
+    A sub-epoch runs as ``tasks`` Spark tasks (d, or the task slots when d is larger). Task t
+    holds the held blocks b with b mod tasks = t; in stratum s it updates every rating block
+    (h, m) with h mod tasks = t and m mod tasks = (t + s) mod tasks, one after another. So an
+    epoch is ``tasks`` strata whatever d is: with tasks = d that is one block per task and
+    stratum (Gemulla's DSGD), with d > tasks the tasks x tasks grid of block groups, each group
+    cut into (d / tasks)^2 blocks.
     """
 
     d: int
@@ -33,6 +36,20 @@ class Grid:
     def side_col(self, kind: str) -> str:
         return self.held_col if kind == HELD else self.moving_col
 
+    def blocks_of(self, task: int, kind: str, stratum: int) -> range:
+        """The blocks of side ``kind`` that ``task`` updates in ``stratum``."""
+        group = task if kind == HELD else (task + stratum) % self.tasks
+        return range(group, self.d, self.tasks)
+
+    def task_of(self, kind: str, block: int, stratum: int) -> int:
+        """The task that updates ``block`` of side ``kind`` in ``stratum`` (a held block: always the same)."""
+        group = block % self.tasks
+        return group if kind == HELD else (group - stratum) % self.tasks
+
+    def stratum_of(self, held: int, moving: int) -> int:
+        """The stratum in which rating block (held, moving) is updated."""
+        return (moving % self.tasks - held % self.tasks) % self.tasks
+
 
 def grid_for(d: int, *, slots: int, users: int, items: int, user_col: str, item_col: str) -> Grid:
     """The grid whose held (stationary) side is the larger one, run as at most ``slots`` tasks per sub-epoch."""
@@ -42,25 +59,6 @@ def grid_for(d: int, *, slots: int, users: int, items: int, user_col: str, item_
     return Grid(d, items, users, item_col, user_col, tasks)
 
 
-def stratum_blocks(stratum: int, d: int) -> list[tuple[int, int]]:
-    """The (held block, moving block) pairs of ``stratum``: task b updates (b, (b + stratum) mod d)."""
-    return [(b, (b + stratum) % d) for b in range(d)]
-
-
-def strata_order(seed: int, epoch: int, d: int) -> list[int]:
-    """The order in which an epoch visits the d strata (a seeded permutation)."""
-    return [int(s) for s in np.random.default_rng([seed, epoch, 0]).permutation(d)]
-
-
-def moving_partition(block: int, stratum: int, d: int) -> int:
-    """The task (partition) that updates moving ``block`` in ``stratum``."""
-    return (block - stratum) % d
-
-
-def meets(kind: str, block: int, stratum: int, d: int) -> int:
-    """The held block that ``block`` of ``kind`` is updated with in ``stratum`` (a held block: itself).
-
-    It is also the key that routes the block to its task (``key mod tasks``), so a held block
-    always goes to the same task, and a moving block to the task of the held block it meets.
-    """
-    return block if kind == HELD else moving_partition(block, stratum, d)
+def strata_order(seed: int, epoch: int, strata: int) -> list[int]:
+    """The order in which an epoch visits its strata (a seeded permutation)."""
+    return [int(s) for s in np.random.default_rng([seed, epoch, 0]).permutation(strata)]

@@ -19,7 +19,7 @@ import pyarrow as pa
 from mfdist import schema as S
 from mfdist.synth import splitmix64
 from mfdist.train.dsgd.kernel import NO_ERRORS, BlockErrors, RatingBlock, Side, layout_block, penalty_weights, sgd_block
-from mfdist.train.dsgd.schedule import HELD, MOVING, Grid, meets
+from mfdist.train.dsgd.schedule import HELD, MOVING, Grid
 
 # The factor penalty of a row grows as (its ratings)^0.6 rather than linearly: on
 # MovieLens 100k this took u1 test RMSE from 0.921 to 0.918 at the same reg (see README).
@@ -158,12 +158,14 @@ def model_rows(batches: Iterator[pa.RecordBatch], *, d: int, rank: int, idx_col:
 
 # ---- the rating strata ----------------------------------------------------------------------
 
-PIECE_DDL = "_b int, rows binary, cols binary, vals binary"
-_PIECE_SCHEMA = pa.schema([("_b", pa.int32()), ("rows", pa.binary()), ("cols", pa.binary()), ("vals", pa.binary())])
+PIECE_DDL = "_b int, _m int, rows binary, cols binary, vals binary"
+_PIECE_SCHEMA = pa.schema([
+    ("_b", pa.int32()), ("_m", pa.int32()), ("rows", pa.binary()), ("cols", pa.binary()), ("vals", pa.binary()),
+])
 
 
 def cut_by_block(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-    """One input task's cells of one stratum (_b, _r, _c, _v) cut by held block: a row of columnar bytes per piece.
+    """One input task's cells of one stratum (_b, _m, _r, _c, _v) cut by rating block: a row of columnar bytes per piece.
 
     No sort and no Arrow grouping in Spark: the pieces of a block from all input tasks meet in
     one shuffle, where the block is laid out (:func:`layout_partition`).
@@ -172,32 +174,43 @@ def cut_by_block(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
     if not found:
         return
     table = pa.Table.from_batches(found)
-    col = {name: table.column(name).to_numpy() for name in ("_b", "_r", "_c", "_v")}
-    order = np.argsort(col["_b"], kind="stable")
-    starts = np.concatenate(([0], np.flatnonzero(np.diff(col["_b"][order])) + 1, [len(order)]))
+    col = {name: table.column(name).to_numpy() for name in ("_b", "_m", "_r", "_c", "_v")}
+    order = np.lexsort((col["_m"], col["_b"]))
+    held, moving = col["_b"][order], col["_m"][order]
+    starts = np.concatenate(([0], np.flatnonzero((np.diff(held) != 0) | (np.diff(moving) != 0)) + 1, [len(order)]))
     for lo, hi in zip(starts[:-1], starts[1:]):
         part = order[lo:hi]
         yield pa.RecordBatch.from_pydict({
-            "_b": [int(col["_b"][part[0]])], "rows": [col["_r"][part].astype(np.int32).tobytes()],
+            "_b": [int(held[lo])], "_m": [int(moving[lo])], "rows": [col["_r"][part].astype(np.int32).tobytes()],
             "cols": [col["_c"][part].astype(np.int32).tobytes()], "vals": [col["_v"][part].astype(np.float32).tobytes()],
         }, schema=_PIECE_SCHEMA)
 
 
-def unpack_piece(row) -> tuple[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    return row["_b"], (np.frombuffer(row["rows"], np.int32), np.frombuffer(row["cols"], np.int32), np.frombuffer(row["vals"], np.float32))
+def unpack_piece(row) -> tuple[int, tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
+    """(held block, (moving block, rows, cols, vals)): keyed by the held block, which names the task."""
+    arrays = (np.frombuffer(row["rows"], np.int32), np.frombuffer(row["cols"], np.int32), np.frombuffer(row["vals"], np.float32))
+    return row["_b"], (row["_m"], *arrays)
 
 
 def layout_partition(t: int, pieces: Iterator[tuple[int, tuple]], *, grid: Grid, stratum: int, rank: int,
-                     seed: int) -> list[list[tuple[int, RatingBlock]]]:
-    """Task t's rating blocks of ``stratum``: (b, block) for b = t, t + tasks, ..., each laid out (empty when it has no ratings)."""
-    parts: dict[int, list] = {}
-    for b, piece in pieces:
-        parts.setdefault(b, []).append(piece)
+                     seed: int) -> list[list[tuple[int, int, RatingBlock]]]:
+    """Task t's rating blocks of ``stratum``: (h, m, block) for its held blocks h and moving blocks m, each laid
+    out (empty when it has no ratings)."""
+    parts: dict[tuple[int, int], list] = {}
+    for h, (m, *piece) in pieces:
+        parts.setdefault((h, m), []).append(piece)
+    empty = (np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.float32))
     blocks = []
-    for b in range(t, grid.d, grid.tasks):
-        rows, cols, vals = (np.concatenate(a) for a in zip(*parts[b])) if b in parts else (np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.float32))
-        blocks.append((b, layout_block(rows, cols, vals, rank=rank, seed=block_seed(seed, stratum, b))))
+    for h in grid.blocks_of(t, HELD, stratum):
+        for m in grid.blocks_of(t, MOVING, stratum):
+            rows, cols, vals = (np.concatenate(a) for a in zip(*parts[h, m])) if (h, m) in parts else empty
+            blocks.append((h, m, layout_block(rows, cols, vals, rank=rank, seed=block_seed(seed, cell(h, m, grid.d), h))))
     return [blocks]
+
+
+def cell(held: int, moving: int, d: int) -> int:
+    """Rating block (held, moving)'s diagonal (moving - held) mod d: with held, the block's name in seeds."""
+    return (moving - held) % d
 
 
 def block_seed(seed: int, *parts: int) -> int:
@@ -210,28 +223,27 @@ def block_seed(seed: int, *parts: int) -> int:
 # ---- a sub-epoch ----------------------------------------------------------------------------
 
 
-def route(fb: FactorBlock, *, stratum: int, d: int) -> tuple[int, FactorBlock]:
-    """(the held block ``fb`` meets in ``stratum``, fb): the key of the sub-epoch's shuffle (task = key mod tasks)."""
-    return meets(fb.kind, fb.block, stratum, d), fb
+def route(fb: FactorBlock, *, stratum: int, grid: Grid) -> tuple[int, FactorBlock]:
+    """(the task that updates ``fb`` in ``stratum``, fb): the key of the sub-epoch's shuffle."""
+    return grid.task_of(fb.kind, fb.block, stratum), fb
 
 
-def update(item: tuple[list[tuple[int, RatingBlock]], list[tuple[int, FactorBlock]]], *, hyper: Hyper, d: int, lr: float,
-           seed: int, epoch: int, stratum: int) -> list[FactorBlock]:
-    """One task of a sub-epoch: SGD over each of its rating blocks (b, (b + stratum) mod d) with the two factor
-    blocks it joins; returns the task's factor blocks, updated.
+def update(item: tuple[list[tuple[int, int, RatingBlock]], list[tuple[int, FactorBlock]]], *, hyper: Hyper, d: int, lr: float,
+           seed: int, epoch: int) -> list[FactorBlock]:
+    """One task of a sub-epoch: SGD over each of its rating blocks (h, m) with the two factor blocks it joins;
+    returns the task's factor blocks, updated.
 
     A held block adds the pass's objective terms to its epoch's sums. The visiting order of
-    the sub-blocks is seeded by (seed, epoch, stratum, block), so a retry repeats it.
+    a block's sub-blocks is seeded by (seed, epoch, the block), so a retry repeats it.
     """
     ratings, routed = item
     held = {fb.block: fb for _, fb in routed if fb.kind == HELD}
     moving = {fb.block: fb for _, fb in routed if fb.kind == MOVING}
-    for b, block in ratings:
-        rows, cols = held[b], moving[(b + stratum) % d]
-        order = np.random.default_rng([seed, epoch, 1 + stratum, b]).permutation(block.n_sub)
+    for h, m, block in ratings:
+        rows, cols = held[h], moving[m]
+        order = np.random.default_rng([seed, epoch, 1 + cell(h, m, d), h]).permutation(block.n_sub)
         errors = sgd_block(
             block, order, hyper.side(rows), hyper.side(cols), mu=hyper.mu, lr=lr, biases=hyper.biases, rating_range=hyper.rating_range,
         )
-        held[b] = rows._replace(errors=rows.errors.plus(errors))
+        held[h] = rows._replace(errors=rows.errors.plus(errors))
     return [*held.values(), *moving.values()]
-

@@ -43,16 +43,16 @@ def sub_epoch(ratings: RDD, blocks: RDD, *, stratum: int, grid: Grid, step) -> R
     ``ratings`` (cached) joins through a narrow zip; the factor blocks of ``blocks`` (the
     previous sub-epoch's output, or the epoch's checkpoint) arrive by the one shuffle.
     """
-    routed = blocks.map(partial(tasks.route, stratum=stratum, d=grid.d)).partitionBy(grid.tasks, identity).glom()
+    routed = blocks.map(partial(tasks.route, stratum=stratum, grid=grid)).partitionBy(grid.tasks, identity).glom()
     return ratings.zip(zippable(routed)).flatMap(step)
 
 
 def run_epoch(layout: Layout, hyper: tasks.Hyper, blocks: RDD, *, lr: float, seed: int, epoch: int) -> RDD:
-    """The d sub-epochs of ``epoch`` from ``blocks`` (the kept factor blocks): the epoch's factor blocks, lazily."""
+    """The sub-epochs of ``epoch`` (one per stratum) from ``blocks`` (the kept factor blocks): the epoch's factor blocks, lazily."""
     grid = layout.grid
     blocks = blocks.map(tasks.fresh)
-    for stratum in strata_order(seed, epoch, grid.d):
-        step = partial(tasks.update, hyper=hyper, d=grid.d, lr=lr, seed=seed, epoch=epoch, stratum=stratum)
+    step = partial(tasks.update, hyper=hyper, d=grid.d, lr=lr, seed=seed, epoch=epoch)
+    for stratum in strata_order(seed, epoch, grid.tasks):
         blocks = sub_epoch(layout.ratings[stratum], blocks, stratum=stratum, grid=grid, step=step)
     return blocks
 
