@@ -105,8 +105,9 @@ def top_k_lists(
     ``candidates``: _c int, _vec array<float> of the same length.
     """
     spark = queries.sparkSession
-    n, dim = candidates.agg(F.count(F.lit(1)), F.max(F.size(VEC))).first()
-    if k == 0 or not n:
+    # k = 0 (no lists wanted) costs no Spark job at all.
+    n, dim = candidates.agg(F.count(F.lit(1)), F.max(F.size(VEC))).first() if k else (0, 0)
+    if not n:
         return spark.createDataFrame([], LIST_SCHEMA)
     size_mb = n * (4 * dim + 4) / 2**20
     if size_mb <= broadcast_max_mb:
@@ -198,8 +199,8 @@ class Recommended:
     recommendations: DataFrame
     similar_items: DataFrame
     listed_users: int
-    eligible_users: int
-    items: int
+    eligible_users: int  # users a list was wanted for (0 with k = 0)
+    items: int  # candidate items, for coverage (0 with k = 0)
 
 
 def recommend(
@@ -215,13 +216,14 @@ def recommend(
     """Lists of ``k >= output.top_n`` items per user (for the ranking metrics too) and the two tables."""
     seen = seen_items(train).cache()
     lists = user_lists(model, seen, k=k, broadcast_max_mb=output.broadcast_max_mb)
-    eligible = seen.count()
-    if output.cold_start_popular:
+    # With k = 0 (no top-N, no ranking metrics) nothing is listed, so nothing is counted either.
+    eligible = seen.count() if k else 0
+    if output.cold_start_popular and k:
         cold = user_index.select(S.USER_IDX).join(seen, S.USER_IDX, "left_anti").cache()
         eligible += cold.count()
         lists = lists.unionByName(popular_lists(spark, train, cold, k=k))
     lists = lists.cache()
-    listed = lists.select(S.USER_IDX).distinct().count()
+    listed = lists.select(S.USER_IDX).distinct().count() if k else 0
     similar = similar_item_lists(model.items, k=output.similar_items, broadcast_max_mb=output.broadcast_max_mb)
     return Recommended(
         lists=lists,
@@ -229,7 +231,7 @@ def recommend(
         similar_items=similar_items_table(similar, item_index),
         listed_users=listed,
         eligible_users=eligible,
-        items=model.items.count(),
+        items=model.items.count() if k else 0,
     )
 
 

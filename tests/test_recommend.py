@@ -242,6 +242,22 @@ def test_recommend_tables_use_original_ids_and_zero_disables_a_table(spark, mode
     assert dict(similar.dtypes) == {"item_id": "string", "rank": "int", "similar_item_id": "string", "similarity": "float"}
 
 
+def test_nothing_to_list_runs_no_spark_job(spark, model_case):
+    """top_n = 0, similar_items = 0 and no ranking metrics (k = 0): the stage costs only the writes of two empty tables."""
+    model, train, _, _ = model_case
+    user_index, item_index = indexes(spark, 12, 9)
+    output = dataclasses.replace(load_config().output, top_n=0, similar_items=0, cold_start_popular=True)
+    sc = spark.sparkContext
+    sc.setJobGroup("nothing-to-list", "recommend with k = 0")
+    try:
+        result = R.recommend(spark, model, train, user_index, item_index, output=output, k=0)
+    finally:
+        sc.setLocalProperty("spark.jobGroup.id", None)
+    assert sc.statusTracker().getJobIdsForGroup("nothing-to-list") == []
+    assert (result.listed_users, result.eligible_users) == (0, 0)
+    assert result.recommendations.count() == result.similar_items.count() == 0
+
+
 # ---------------------------------------------------------------- in the job, and jobs/recommend.py
 
 @pytest.fixture(scope="module")
