@@ -1,8 +1,8 @@
 """Recompute a published run's recommendations and similar items from its factors, without retraining.
 
-python jobs/recommend.py --conf conf/local.yaml --set run.run_id=<id> [output.top_n=20 ...]
-The config must be the one the run was trained with (its input and split give the seen items);
-output.* may differ. The run's two tables are replaced; its other tables and run record are kept.
+python jobs/recommend.py --conf conf/local.yaml --set output.root=<root> run.run_id=<id> [output.top_n=20 ...]
+The run's recorded config (in ``runs``) gives its input, split and seed, hence the seen items; only
+this config's output.* applies. The run's two tables are replaced; its other tables and run record are kept.
 """
 
 from __future__ import annotations

@@ -75,23 +75,67 @@ class SplitConfig:
 
 
 @dataclass(frozen=True)
+class TrainerSettings:
+    """The settings a trainer may take for itself (``train.als.*``, ``train.dsgd.*``); unset: see resolve_trainer."""
+
+    rank: Optional[int] = None
+    epochs: Optional[int] = None
+    reg: Optional[float] = None
+    bias_reg: Optional[float] = None
+    bias_rounds: Optional[int] = None  # ALS: backfitting rounds of biases and factors
+    step_size: Optional[float] = None  # DSGD's initial base step; rows scale it by AdaGrad
+
+
+# Each trainer's own defaults, used where neither train.<algorithm>.<key> nor train.<key> is set.
+# ALS: Spark's rank 10 / reg 0.1. DSGD: chosen on MovieLens 100k and planted synthetic sets
+# together (bench/defaults.py and README).
+TRAINER_DEFAULTS = {
+    "als": TrainerSettings(rank=10, epochs=10, reg=0.1, bias_reg=1.0, bias_rounds=3, step_size=0.1),
+    "dsgd": TrainerSettings(rank=50, epochs=40, reg=0.15, bias_reg=1.0, bias_rounds=3, step_size=0.05),
+}
+TRAINER_KEYS = tuple(f.name for f in dataclasses.fields(TrainerSettings))
+
+
+@dataclass(frozen=True)
+class EarlyStoppingConfig:
+    """DSGD: hold out a seeded slice of the training ratings and stop when its RMSE stops improving."""
+
+    enabled: bool = False
+    patience: int = 3  # epochs without an improvement of more than min_delta
+    min_delta: float = 0.0
+    validation_fraction: float = 0.05  # of the training ratings, by a hash of (seed, user, item)
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     algorithm: Literal["als", "dsgd"] = "als"
-    rank: int = 10
-    epochs: int = 10
-    reg: float = 0.1
+    # Shared by both trainers when set; the chosen trainer's section and defaults fill the rest.
+    rank: Optional[int] = None
+    epochs: Optional[int] = None
+    reg: Optional[float] = None
+    bias_reg: Optional[float] = None
+    bias_rounds: Optional[int] = None
+    step_size: Optional[float] = None
+    als: TrainerSettings = field(default_factory=TrainerSettings)
+    dsgd: TrainerSettings = field(default_factory=TrainerSettings)
     biases: bool = True
-    bias_reg: float = 1.0
-    bias_rounds: int = 3
     implicit_alpha: float = 1.0
     nonnegative: bool = False
-    step_size: float = 0.1  # DSGD's initial base step; rows scale it by AdaGrad (LIBMF's default rate)
     blocks: Optional[int] = None
     checkpoint_interval: int = 5
     # DSGD's per-epoch test RMSE: every eval_every epochs (and the last), on at most eval_sample
     # test ratings; the evaluate stage scores every test rating once at the end.
     eval_every: int = 1
     eval_sample: int = 100_000
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+
+
+def resolve_trainer(t: TrainConfig) -> TrainConfig:
+    """``t`` with every trainer setting set: train.<algorithm>.<key>, else train.<key>, else the trainer's default."""
+    sources = (getattr(t, t.algorithm), t, TRAINER_DEFAULTS[t.algorithm])
+    return dataclasses.replace(t, **{
+        key: next(getattr(s, key) for s in sources if getattr(s, key) is not None) for key in TRAINER_KEYS
+    })
 
 
 @dataclass(frozen=True)
@@ -248,6 +292,16 @@ def _set_path(raw: dict[str, Any], path: str, value: Any) -> None:
         node, cls = child, hint
 
 
+def _clear_trainer_sections(raw: dict[str, Any], key: str) -> None:
+    """``--set train.rank=32`` means rank 32 whichever trainer runs: drop the file's train.als.rank / train.dsgd.rank."""
+    section, _, name = key.partition(".")
+    if section == "train" and name in TRAINER_KEYS:
+        for trainer in TRAINER_DEFAULTS:
+            own = raw["train"].get(trainer)
+            if isinstance(own, dict):
+                own.pop(name, None)
+
+
 def parse_overrides(pairs: list[str]) -> list[tuple[str, Any]]:
     """Parse ``key.path=value`` strings; values are YAML scalars or lists."""
     out = []
@@ -277,11 +331,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{p}: the top level must be a mapping of sections")
     for key, value in parse_overrides(overrides or []):
         _set_path(raw, key, value)
-    cfg = _build(Config, raw)
-    validate(cfg)
+        _clear_trainer_sections(raw, key)
+    cfg = config_from_dict(raw)
     if cfg.run.run_id is None:
         run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
         cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, run_id=run_id))
+    return cfg
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """A validated Config from nested sections (a YAML file's, or a run's recorded ``Config.to_dict()``),
+    its trainer settings resolved for ``train.algorithm``."""
+    cfg = _build(Config, raw)
+    cfg = dataclasses.replace(cfg, train=resolve_trainer(cfg.train))
+    validate(cfg)
     return cfg
 
 
@@ -323,6 +386,21 @@ def _check_path(path: str, key: str) -> None:
     _require(".." not in urlsplit(path).path.split("/"), key, f"{path}: '..' is not allowed in a path")
 
 
+_TRAINER_MINIMUM = {"rank": 1, "epochs": 1, "reg": 0, "bias_reg": 0, "bias_rounds": 1}  # step_size: > 0
+
+
+def _check_trainer_settings(settings: TrainConfig | TrainerSettings, prefix: str) -> None:
+    """Range checks of the trainer settings that are set (all of them, once resolved)."""
+    for key in TRAINER_KEYS:
+        value = getattr(settings, key)
+        if value is None:
+            continue
+        if key == "step_size":
+            _require(value > 0, f"{prefix}.{key}", f"must be > 0, got {value}")
+        else:
+            _require(value >= _TRAINER_MINIMUM[key], f"{prefix}.{key}", f"must be >= {_TRAINER_MINIMUM[key]}, got {value}")
+
+
 def validate(cfg: Config) -> None:
     """Value checks in the spirit of Spark's ParamValidators."""
     lo_hi = cfg.input.rating_range
@@ -335,13 +413,20 @@ def validate(cfg: Config) -> None:
     _require(0 < cfg.split.test_fraction < 1, "split.test_fraction", f"must be in (0, 1), got {cfg.split.test_fraction}")
     _require(cfg.split.method != "file" or bool(cfg.split.test_path), "split.test_path", "required for split.method=file")
     t = cfg.train
-    _require(t.rank >= 1, "train.rank", f"must be >= 1, got {t.rank}")
-    _require(t.epochs >= 1, "train.epochs", f"must be >= 1, got {t.epochs}")
-    _require(t.reg >= 0, "train.reg", f"must be >= 0, got {t.reg}")
-    _require(t.bias_reg >= 0, "train.bias_reg", f"must be >= 0, got {t.bias_reg}")
-    _require(t.bias_rounds >= 1, "train.bias_rounds", f"must be >= 1, got {t.bias_rounds}")
+    # The sections first, so an error names the key that was given.
+    for prefix, settings in (("train.als", t.als), ("train.dsgd", t.dsgd), ("train", t)):
+        _check_trainer_settings(settings, prefix)
     _require(t.implicit_alpha >= 0, "train.implicit_alpha", f"must be >= 0, got {t.implicit_alpha}")
-    _require(t.step_size > 0, "train.step_size", f"must be > 0, got {t.step_size}")
+    es = t.early_stopping
+    _require(es.patience >= 1, "train.early_stopping.patience", f"must be >= 1, got {es.patience}")
+    _require(es.min_delta >= 0, "train.early_stopping.min_delta", f"must be >= 0, got {es.min_delta}")
+    _require(
+        0 < es.validation_fraction < 1, "train.early_stopping.validation_fraction", f"must be in (0, 1), got {es.validation_fraction}",
+    )
+    _require(
+        not es.enabled or t.algorithm == "dsgd", "train.early_stopping.enabled",
+        "applies to train.algorithm: dsgd (Spark ALS fits all its train.epochs iterations in one call)",
+    )
     _require(t.blocks is None or t.blocks >= 1, "train.blocks", f"must be >= 1, got {t.blocks}")
     _require(t.checkpoint_interval >= 1, "train.checkpoint_interval", "must be >= 1")
     r = cfg.refine

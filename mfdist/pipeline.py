@@ -141,15 +141,16 @@ def run(spark: SparkSession, cfg: Config) -> RunResult:
         epochs: list[tuple] = []
 
         def record_epoch(stage: str, e: EpochRecord) -> None:
-            epochs.append(_epoch_row(stage, e))
+            epochs.extend(_epoch_rows(stage, e))
             if tracked:
                 tracked.log_epoch(stage, e)
 
         def on_epoch(e: EpochRecord) -> None:
             record_epoch("train", e)
             log.info(
-                "train epoch %d: loss=%s train_rmse=%s test_rmse=%s step=%s %.1f s (%.0f ratings/s)",
-                e.epoch, _fmt(e.loss), _fmt(e.train_rmse), _fmt(e.test_rmse), _fmt(e.step_size), e.seconds,
+                "train epoch %d: loss=%s train_rmse=%s test_rmse=%s%s step=%s %.1f s (%.0f ratings/s)",
+                e.epoch, _fmt(e.loss), _fmt(e.train_rmse), _fmt(e.test_rmse),
+                "" if e.validation_rmse is None else f" validation_rmse={e.validation_rmse:.4f}", _fmt(e.step_size), e.seconds,
                 n_train / e.seconds if e.seconds else 0.0,
             )
 
@@ -162,8 +163,11 @@ def run(spark: SparkSession, cfg: Config) -> RunResult:
             plan = plan_block(train, cfg)
 
         with metrics.timed("train") as info:
-            model = make_trainer(cfg).fit(plan.trainer_ratings if plan else train, test=test, callback=on_epoch).model
-            info.update(algorithm=cfg.train.algorithm, rank=model.rank, mu=round(model.mu, 4))
+            fit = make_trainer(cfg).fit(plan.trainer_ratings if plan else train, test=test, callback=on_epoch)
+            model = fit.model
+            info.update(algorithm=cfg.train.algorithm, rank=model.rank, mu=round(model.mu, 4), **fit.metrics)
+        for name, value in fit.metrics.items():
+            metrics.add("train", name, value)
         # jobs/recommend.py rescores a published run with it.
         metrics.add("train", "mu", model.mu)
 
@@ -225,9 +229,13 @@ def run(spark: SparkSession, cfg: Config) -> RunResult:
     return RunResult(record=record, model=model, metrics=metrics.as_dict(), epochs=epochs)
 
 
-def _epoch_row(stage: str, e: EpochRecord) -> tuple:
-    """A row of the ``epochs`` table (without run_id)."""
-    return (stage, e.epoch, e.loss, e.train_rmse, e.test_rmse, e.step_size, e.seconds)
+def _epoch_rows(stage: str, e: EpochRecord) -> list[tuple]:
+    """Rows of the ``epochs`` table (without run_id): the epoch's, and with early stopping a ``validation``
+    row whose test_rmse is the held-out slice's RMSE."""
+    rows = [(stage, e.epoch, e.loss, e.train_rmse, e.test_rmse, e.step_size, e.seconds)]
+    if e.validation_rmse is not None:
+        rows.append(("validation", e.epoch, None, None, e.validation_rmse, None, None))
+    return rows
 
 
 def _fmt(value: float | None) -> str:

@@ -37,7 +37,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
@@ -45,7 +45,7 @@ from pyspark.sql import types as T
 
 from mfdist import lake, topk
 from mfdist import schema as S
-from mfdist.config import Config, OutputConfig
+from mfdist.config import Config, OutputConfig, config_from_dict
 from mfdist.errors import ConfigError, InputError
 from mfdist.ingest import ingest
 from mfdist.publish import Publisher
@@ -237,22 +237,12 @@ def recommend(
 
 # ---------------------------------------------------------------- rerun from a published run (jobs/recommend.py)
 
-# The config sections that decide a run's training ratings; a rerun must use the same ones.
-_TRAINING_KEYS = ("input", "split", "run.seed")
-
-
-def _section(cfg: dict, key: str) -> object:
-    for part in key.split("."):
-        cfg = cfg[part]
-    return cfg
-
-
-def _check_same_training(cfg: Config, run_config: str, run_id: str) -> None:
-    """Raise ConfigError when ``cfg`` would not rebuild the run's training ratings (for seen items)."""
-    mine, theirs = cfg.to_dict(), json.loads(run_config)
-    for key in _TRAINING_KEYS:
-        if _section(mine, key) != _section(theirs, key):
-            raise ConfigError(f"{key}: differs from run {run_id}'s config; pass the config that run was trained with")
+def recorded_config(cfg: Config, run_config: str) -> Config:
+    """The config run ``cfg.run.run_id`` recorded (its input, split and seed give its training ratings), with
+    ``cfg``'s output section: what a rescoring may change."""
+    recorded = json.loads(run_config)
+    recorded["output"] = asdict(cfg.output)
+    return config_from_dict(recorded)
 
 
 def training_ratings(spark: SparkSession, cfg: Config, user_index: DataFrame, item_index: DataFrame) -> DataFrame:
@@ -287,11 +277,11 @@ def republish(spark: SparkSession, cfg: Config) -> Recommended:
     record = None if runs is None else runs.where(F.col(S.RUN_ID) == run_id).select("config").first()
     if record is None:
         raise ConfigError(f"run.run_id: no succeeded run {run_id} under {root}")
-    _check_same_training(cfg, record[0], run_id)
+    trained = recorded_config(cfg, record[0])
     user_index = lake.read_partition(spark, root, S.USER_INDEX, run_id).cache()
     item_index = lake.read_partition(spark, root, S.ITEM_INDEX, run_id).cache()
     model = published_model(spark, root, run_id)
-    train = training_ratings(spark, cfg, user_index, item_index)
+    train = training_ratings(spark, trained, user_index, item_index)
     result = recommend(spark, model, train, user_index, item_index, output=cfg.output, k=cfg.output.top_n)
     Publisher(spark, cfg).replace({S.RECOMMENDATIONS: result.recommendations, S.SIMILAR_ITEMS: result.similar_items})
     log.info(

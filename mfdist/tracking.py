@@ -79,7 +79,7 @@ class MlflowRun:
 
     def log_epoch(self, stage: str, e: EpochRecord) -> None:
         """One epoch's figures, the epoch as step (``train/test_rmse`` ...)."""
-        values = {"loss": e.loss, "train_rmse": e.train_rmse, "test_rmse": e.test_rmse, "seconds": e.seconds}
+        values = {"loss": e.loss, "train_rmse": e.train_rmse, "test_rmse": e.test_rmse, "validation_rmse": e.validation_rmse, "seconds": e.seconds}
         self._log_metrics({metric_name(stage, "epoch", k): v for k, v in values.items() if v is not None}, step=e.epoch)
 
     def _log_metrics(self, values: dict[str, float], *, step: int = 0) -> None:

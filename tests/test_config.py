@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from mfdist.config import Config, load_config, parse_overrides
+from mfdist.config import TRAINER_DEFAULTS, Config, config_from_dict, load_config, parse_overrides
 from mfdist.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,6 +22,26 @@ def test_overrides_are_typed():
     assert cfg.train.rank == 32
     assert cfg.input.rating_range == [0.0, 10.0]
     assert cfg.split.test_path == "x.csv"
+
+
+def test_each_trainer_takes_its_own_section_then_the_shared_keys_then_its_defaults(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  reg: 0.2\n  als:\n    rank: 7\n  dsgd:\n    rank: 30\n    epochs: 12\n")
+    als = load_config(f).train
+    assert (als.rank, als.reg, als.epochs) == (7, 0.2, TRAINER_DEFAULTS["als"].epochs)
+    dsgd = load_config(f, ["train.algorithm=dsgd"]).train
+    assert (dsgd.rank, dsgd.reg, dsgd.epochs, dsgd.step_size) == (30, 0.2, 12, TRAINER_DEFAULTS["dsgd"].step_size)
+    # A shared key given on the command line is meant for whichever trainer runs.
+    assert load_config(f, ["train.rank=16"]).train.rank == 16
+    assert load_config(f, ["train.algorithm=dsgd", "train.rank=16"]).train.rank == 16
+    assert load_config(f, ["train.dsgd.rank=8", "train.algorithm=dsgd"]).train.rank == 8
+    with pytest.raises(ConfigError, match=r"train\.dsgd\.reg: must be >= 0"):
+        load_config(f, ["train.dsgd.reg=-1"])
+
+
+def test_a_recorded_config_reads_back_the_same():
+    cfg = load_config(REPO / "conf/local.yaml", ["train.algorithm=dsgd", "train.als.reg=0.3"])
+    assert config_from_dict(cfg.to_dict()) == cfg
 
 
 def test_spark_conf_keys_keep_their_dots():
@@ -45,6 +65,8 @@ def test_run_id_defaults_to_timestamp():
         ("input.rating_range=[5, 1]", "input.rating_range"),
         ("evaluate.metrics=[rmse, auc]", "evaluate.metrics"),
         ("bogus=1", "bogus"),
+        ("train.early_stopping.enabled=true", "train.early_stopping.enabled"),  # conf/local.yaml trains with ALS
+        ("train.early_stopping.validation_fraction=0", "train.early_stopping.validation_fraction"),
     ],
 )
 def test_bad_keys_and_values_name_the_key(override, named):

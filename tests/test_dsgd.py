@@ -317,6 +317,26 @@ def test_a_grid_larger_than_the_task_slots_runs_as_many_sub_epochs_as_tasks(plan
     assert rmse[6] == pytest.approx(rmse[2], abs=0.02)
 
 
+def test_early_stopping_stops_on_the_validation_slice_and_keeps_its_best_epoch(planted, tmp_path):
+    train, test = planted
+    cfg = _config(
+        tmp_path, "early", "train.epochs=40", "train.step_size=0.2", "train.early_stopping.enabled=true",
+        "train.early_stopping.patience=2", "train.early_stopping.min_delta=0.002", "train.early_stopping.validation_fraction=0.2",
+    )
+    fit = make_trainer(cfg).fit(train, test=test)
+    best = None  # the last epoch that beat the best so far by more than min_delta (Keras's rule)
+    for r in fit.epochs:
+        if r.validation_rmse is not None and (best is None or r.validation_rmse < best.validation_rmse - 0.002):
+            best = r
+    assert fit.metrics["stopped_early"] == 1.0 and fit.epochs[-1].epoch == best.epoch + 2 < 40
+    assert fit.metrics["final_epoch"] == best.epoch and fit.metrics["validation_rmse"] == pytest.approx(best.validation_rmse)
+    # The model is the best epoch's: its RMSE on the held-out slice (rebuilt by the same hash) is that epoch's.
+    _, validation = random_split(train, test_fraction=0.2, seed=cfg.run.seed + 2)
+    assert rating_metrics(validation, fit.model, rating_range=[1.0, 5.0])["rmse"] == pytest.approx(best.validation_rmse, abs=1e-5)
+    folders = sorted(p.name for p in (tmp_path / "ck" / "early" / "dsgd").glob("epoch-*"))
+    assert f"epoch-{best.epoch:06d}" in folders and len(folders) <= 3  # the kept, the chain's base and the best epoch
+
+
 def test_a_checkpoint_with_another_layout_is_a_config_error(planted, tmp_path):
     train, _ = planted
     make_trainer(_config(tmp_path, "same", "train.epochs=1")).fit(train)

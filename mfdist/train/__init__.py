@@ -27,12 +27,14 @@ class EpochRecord:
     test_rmse: Optional[float]
     step_size: Optional[float]
     seconds: float
+    validation_rmse: Optional[float] = None  # DSGD with train.early_stopping: the held-out slice's RMSE
 
 
 @dataclass
 class TrainResult:
     model: Model
     epochs: list[EpochRecord] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)  # the trainer's own (stage train), e.g. best_epoch
 
 
 # Called after each epoch with the record, so the job can log and tests can observe.

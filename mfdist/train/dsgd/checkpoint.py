@@ -36,6 +36,7 @@ from mfdist.train.dsgd.kernel import NO_ERRORS, BlockErrors
 from mfdist.train.dsgd.schedule import HELD, MOVING, Grid
 
 _STATE_FILE = re.compile(r"epoch-(\d{6})\.json")
+_EPOCH_DIR = re.compile(r"epoch-(\d{6})")
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,11 @@ class TrainState:
     loss: Optional[float]
     layout: dict
     mean_counts: list[float]  # mean ratings per trained held / moving row, for the penalty weights
+    # train.early_stopping: the epoch of the lowest validation RMSE so far, that RMSE, and the
+    # epochs since it (their factors are the fit's result; a resumed fit goes on counting).
+    best_epoch: Optional[int] = None
+    best_rmse: Optional[float] = None
+    stale: int = 0
 
 
 @dataclass(frozen=True)
@@ -139,8 +145,12 @@ class CheckpointStore:
         blocks = self._rows(epoch).where(F.col("kind") == kind).select("block", "vecs", "bias", "counts")
         return blocks.mapInArrow(partial(tasks.model_rows, d=grid.d, rank=rank, idx_col=idx_col), schema)
 
-    def drop_epoch(self, epoch: int) -> None:
-        self.fs.delete(self.epoch_path(epoch))
+    def keep_only(self, epochs: set[int]) -> None:
+        """Delete every epoch folder but those of ``epochs`` (also ones an interrupted fit left)."""
+        for name in self.fs.list_dirs(self.uri):
+            found = _EPOCH_DIR.fullmatch(name)
+            if found and int(found.group(1)) not in epochs:
+                self.fs.delete(f"{self.uri}/{name}")
 
     def read_state(self) -> Optional[TrainState]:
         """The state after the newest finished epoch, or None for a fit that never started."""

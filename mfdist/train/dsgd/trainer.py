@@ -19,11 +19,11 @@ from pyspark.sql import functions as F
 
 from mfdist import lake
 from mfdist import schema as S
-from mfdist.config import Config
+from mfdist.config import Config, EarlyStoppingConfig
 from mfdist.errors import ConfigError
 from mfdist.model import Model
 from mfdist.session import task_slots
-from mfdist.split import unit_hash
+from mfdist.split import random_split, unit_hash
 from mfdist.train import EpochCallback, EpochRecord, Trainer, TrainResult, check_finite
 from mfdist.train.dsgd import tasks
 from mfdist.train.dsgd.checkpoint import CheckpointStore, Rows, TrainState
@@ -71,14 +71,20 @@ class DSGDTrainer(Trainer):
     def fit(self, train: DataFrame, *, test: DataFrame | None = None, callback: EpochCallback | None = None) -> TrainResult:
         spark = train.sparkSession
         t, seed, run_id = self.cfg.train, self.cfg.run.seed, self.cfg.run.run_id
+        es = t.early_stopping
         store = CheckpointStore(spark, f"{lake.checkpoint_path(self.cfg.run.checkpoint_dir, run_id)}/dsgd")
         previous = store.read_state()
-        stats = _summary(train, test)
+        # Another seed than the split's: the validation slice is a uniform part of the training ratings.
+        train, validation = random_split(train, test_fraction=es.validation_fraction, seed=seed + 2) if es.enabled else (train, None)
+        stats = _summary(train, validation, test)
         slots = task_slots(spark)
         d = t.blocks or (previous.layout["d"] if previous else slots)
         grid = grid_for(d, slots=slots, users=stats["users"], items=stats["items"], user_col=S.USER_IDX, item_col=S.ITEM_IDX)
         mu = float(stats["mu"]) if t.biases else 0.0
-        layout_key = {"d": d, "rank": t.rank, "held": grid.held_col, "n_held": grid.n_held, "n_moving": grid.n_moving, "biases": t.biases, "seed": seed}
+        layout_key = {
+            "d": d, "rank": t.rank, "held": grid.held_col, "n_held": grid.n_held, "n_moving": grid.n_moving, "biases": t.biases,
+            "seed": seed, **({"validation_fraction": es.validation_fraction} if es.enabled else {}),
+        }
         state = _resume_state(previous, layout_key, run_id, store)
         log.info(
             "dsgd: d=%d (%d tasks per sub-epoch) rank=%d reg=%g bias_reg=%g biases=%s held=%s (%d) moving=%s (%d) %s",
@@ -86,7 +92,7 @@ class DSGDTrainer(Trainer):
             f"resuming after epoch {state.epoch}" if state else "from scratch",
         )
         records: list[EpochRecord] = []
-        if state is None or state.epoch < t.epochs:
+        if state is None or (state.epoch < t.epochs and not _stopped(state, es)):
             if state is None:
                 state = self._start(store, train, grid, layout_key, n_train=stats["n_train"])
             hyper = tasks.Hyper(
@@ -94,23 +100,32 @@ class DSGDTrainer(Trainer):
                 mean_held=state.mean_counts[0], mean_moving=state.mean_counts[1],
             )
             layout = lay_out(train, grid, rank=t.rank, seed=seed)
-            sample = _eval_sample(test, limit=t.eval_sample, seed=seed)
+            samples = Samples(
+                test=_eval_sample(test, limit=t.eval_sample, seed=seed),
+                validation=_eval_sample(validation, limit=t.eval_sample, seed=seed) if validation is not None else None,
+            )
             kept: Optional[KeptBlocks] = None
             try:
                 for epoch in range(state.epoch + 1, t.epochs + 1):
-                    state, record, kept = self._epoch(layout, hyper, store, state, epoch, sample, kept)
+                    state, record, kept = self._epoch(layout, hyper, store, state, epoch, samples, kept)
                     records.append(record)
                     if callback:
                         callback(record)
+                    if _stopped(state, es):
+                        log.info("dsgd: stopped after epoch %d, no validation improvement for %d epochs; best epoch %d (RMSE %.4f)",
+                                 epoch, es.patience, state.best_epoch, state.best_rmse)
+                        break
             finally:
                 layout.unpersist()
                 if kept is not None:
                     kept.rdd.unpersist()
-        model = _model(store, state.kept_epoch, grid, mu=mu, rank=t.rank)
+        # With early stopping the best validation epoch, else the last kept one (the bold driver's).
+        final = state.best_epoch if state.best_epoch is not None else state.kept_epoch
+        model = _model(store, final, grid, mu=mu, rank=t.rank)
         model.users.cache()
         model.items.cache()
         check_finite(model)
-        return TrainResult(model, records)
+        return TrainResult(model, records, metrics=_stopping_metrics(state, es, final))
 
     def _start(self, store: CheckpointStore, train: DataFrame, grid: Grid, layout_key: dict, *, n_train: int) -> TrainState:
         """Write epoch 0 (initial factors) and the first state."""
@@ -123,45 +138,68 @@ class DSGDTrainer(Trainer):
         return state
 
     def _epoch(self, layout: Layout, hyper: tasks.Hyper, store: CheckpointStore, state: TrainState, epoch: int,
-               sample: Optional[EvalSample], kept: Optional[KeptBlocks]) -> tuple[TrainState, EpochRecord, Optional[KeptBlocks]]:
+               samples: Samples, kept: Optional[KeptBlocks]) -> tuple[TrainState, EpochRecord, Optional[KeptBlocks]]:
         """Train one epoch from the kept factors, checkpoint it, and keep or roll it back (bold driver).
 
         The kept epoch's blocks are taken from memory, or from its checkpoint files at the start and
         every ``train.checkpoint_interval`` epochs, which bounds the lineage a lost block is
-        recomputed through. The files that lineage starts from (the chain's base) stay until the
-        chain is next read from files: an executor lost mid-chain recomputes its blocks from them.
+        recomputed through. Files stay for the kept epoch, the epoch that lineage starts from (the
+        chain's base: an executor lost mid-chain recomputes its blocks from them) and the best
+        validation epoch; the others go once the state no longer names them.
         """
         started = time.perf_counter()
         t, grid, lr = self.cfg.train, layout.grid, state.step_size
         if kept is None or kept.epochs_in_memory >= t.checkpoint_interval:
             if kept is not None:
                 kept.rdd.unpersist()
-                if kept.base != state.kept_epoch:
-                    store.drop_epoch(kept.base)
             kept = KeptBlocks(store.read_blocks(state.kept_epoch, rank=t.rank), 0, base=state.kept_epoch)
         blocks = run_epoch(layout, hyper, kept.rdd, lr=lr, seed=self.cfg.run.seed, epoch=epoch).persist(StorageLevel.MEMORY_AND_DISK)
-        evaluate = sample is not None and (epoch % t.eval_every == 0 or epoch == t.epochs)
-        errors, rows = store.write_blocks(epoch, blocks, grid, sample.wanted(grid) if evaluate else tasks.NOTHING_WANTED, rank=t.rank)
+        score_test = samples.test is not None and (epoch % t.eval_every == 0 or epoch == t.epochs)
+        errors, rows = store.write_blocks(epoch, blocks, grid, samples.wanted(grid, test=score_test), rank=t.rank)
         loss = (errors.sse + errors.penalty) / max(errors.count, 1)
-        test_rmse = None
+        test_rmse = validation_rmse = None
         if math.isfinite(loss) and (state.loss is None or loss < state.loss):
-            if evaluate:
-                test_rmse = sample.rmse(grid, rows, mu=hyper.mu, rating_range=self.cfg.input.rating_range)
-            dropped, state = state.kept_epoch, replace(state, epoch=epoch, kept_epoch=epoch, step_size=lr * BOLD_DRIVER_UP, loss=loss)
+            score = partial(EvalSample.rmse, grid=grid, rows=rows, mu=hyper.mu, rating_range=self.cfg.input.rating_range)
+            test_rmse = score(samples.test) if score_test else None
+            validation_rmse = score(samples.validation) if samples.validation is not None else None
+            state = replace(state, epoch=epoch, kept_epoch=epoch, step_size=lr * BOLD_DRIVER_UP, loss=loss)
             finished, kept = kept.rdd, KeptBlocks(blocks, kept.epochs_in_memory + 1, base=kept.base)
         else:
-            dropped, state = epoch, replace(state, epoch=epoch, step_size=lr * BOLD_DRIVER_DOWN)
+            state = replace(state, epoch=epoch, step_size=lr * BOLD_DRIVER_DOWN)
             log.warning("dsgd epoch %d: loss %s did not improve on %s; rolled back, step %g -> %g", epoch, loss, state.loss, lr, state.step_size)
             finished = blocks
-        # The state names the kept epoch before the other one's files go, so a kill in between resumes.
+        if samples.validation is not None:
+            state = _track_best(state, epoch, validation_rmse, min_delta=t.early_stopping.min_delta)
+        # The state names the epochs to keep before the others' files go, so a kill in between resumes.
         store.write_state(state)
-        if dropped != kept.base:
-            store.drop_epoch(dropped)
+        store.keep_only({state.kept_epoch, kept.base} | ({state.best_epoch} if state.best_epoch is not None else set()))
         finished.unpersist()
         record = EpochRecord(
             epoch=epoch, loss=loss, train_rmse=_rmse(errors), test_rmse=test_rmse, step_size=lr, seconds=time.perf_counter() - started,
+            validation_rmse=validation_rmse,
         )
         return state, record, kept
+
+
+def _track_best(state: TrainState, epoch: int, rmse: Optional[float], *, min_delta: float) -> TrainState:
+    """The state after ``epoch`` with validation RMSE ``rmse`` (None: a rolled-back epoch, no improvement)."""
+    if rmse is not None and (state.best_rmse is None or rmse < state.best_rmse - min_delta):
+        return replace(state, best_epoch=epoch, best_rmse=rmse, stale=0)
+    return replace(state, stale=state.stale + 1)
+
+
+def _stopped(state: TrainState, es: EarlyStoppingConfig) -> bool:
+    return es.enabled and state.stale >= es.patience
+
+
+def _stopping_metrics(state: TrainState, es: EarlyStoppingConfig, final: int) -> dict[str, float]:
+    """``metrics`` rows of an early-stopped fit: which epoch it kept, its validation RMSE, whether it stopped early."""
+    if not es.enabled:
+        return {}
+    figures = {"final_epoch": float(final), "epochs_run": float(state.epoch), "stopped_early": float(_stopped(state, es))}
+    if state.best_rmse is not None:
+        figures["validation_rmse"] = state.best_rmse
+    return figures
 
 
 @dataclass(frozen=True)
@@ -184,10 +222,10 @@ def _model(store: CheckpointStore, epoch: int, grid: Grid, *, mu: float, rank: i
     return Model(mu=mu, users=users, items=items, rank=rank)
 
 
-def _summary(train: DataFrame, test: DataFrame | None) -> dict:
-    """Training count and mean, and the index ranges over train and test (bounded results)."""
+def _summary(train: DataFrame, *others: DataFrame | None) -> dict:
+    """Training count and mean, and the index ranges over train and the ``others`` (bounded results)."""
     aggs = [F.count(F.lit(1)).alias("n"), F.avg(S.RATING).alias("mu"), F.max(S.USER_IDX).alias("u"), F.max(S.ITEM_IDX).alias("i")]
-    rows = [train.agg(*aggs).first()] + ([test.agg(*aggs).first()] if test is not None else [])
+    rows = [frame.agg(*aggs).first() for frame in (train, *others) if frame is not None]
     users = max(r["u"] or 0 for r in rows) + 1
     items = max(r["i"] or 0 for r in rows) + 1
     return {"n_train": rows[0]["n"], "mu": rows[0]["mu"] or 0.0, "users": users, "items": items}
@@ -221,6 +259,21 @@ class EvalSample:
         pred = mu + h.bias[hi] + m.bias[mi] + np.einsum("ij,ij->i", h.vecs[hi], m.vecs[mi], dtype=np.float64)
         err = self.ratings - np.clip(pred, *rating_range)
         return float(np.sqrt(np.mean(err * err)))
+
+
+@dataclass(frozen=True)
+class Samples:
+    """The bounded samples an epoch is scored on: test ratings, and the early-stopping validation slice."""
+
+    test: Optional[EvalSample]
+    validation: Optional[EvalSample]
+
+    def wanted(self, grid: Grid, *, test: bool) -> dict[str, np.ndarray]:
+        """The factor rows to report: the validation sample's, and the test sample's when ``test``."""
+        chosen = [s.wanted(grid) for s in ((self.test if test else None), self.validation) if s is not None]
+        if not chosen:
+            return tasks.NOTHING_WANTED
+        return {kind: np.union1d(*(w[kind] for w in chosen)) if len(chosen) > 1 else chosen[0][kind] for kind in (HELD, MOVING)}
 
 
 def _eval_sample(test: DataFrame | None, *, limit: int, seed: int) -> Optional[EvalSample]:
