@@ -86,7 +86,7 @@ def rating_sets(spark: SparkSession, work: str, *, folds: bool) -> list[RatingSe
 def job_rmse(spark: SparkSession, work: str, rating_set: RatingSet, setting: list[str], run_id: str) -> tuple[float, float, str]:
     """(test RMSE, train seconds, the trainer's resolved settings) of one job run."""
     cfg = load_config(REPO / "conf" / "local.yaml", [
-        *rating_set.overrides, *setting, f"output.root={work}/lake", f"run.checkpoint_dir={work}/ck", f"run.run_id={run_id}",
+        *rating_set.overrides, *setting, f"output.root={work}/lake-{run_id}", f"run.checkpoint_dir={work}/ck", f"run.run_id={run_id}",
         "output.database=null", "output.top_n=0", "output.similar_items=0", "evaluate.metrics=[rmse,mae]",
     ])
     result = run(spark, cfg)
@@ -100,6 +100,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--candidate", action="append", default=[], metavar="OVERRIDES",
                         help="a DSGD setting to try besides its defaults (space-separated key=value)")
     parser.add_argument("--folds", action="store_true", help="ml-100k: all five folds")
+    parser.add_argument("--sets", nargs="+", metavar="NAME", help="only these rating sets (ml-100k, planted, half-stars, 0-10, sparse)")
     parser.add_argument("--driver-memory", default="8g")
     return parser.parse_args(argv)
 
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         # What conf/local.yaml's spark.conf sets for the job (this session is built here, not by the job).
         spark.conf.set("spark.sql.shuffle.partitions", "8")
         spark.conf.set("spark.sql.adaptive.enabled", "false")
-        sets = rating_sets(spark, work, folds=args.folds)
+        sets = [s for s in rating_sets(spark, work, folds=args.folds) if not args.sets or s.name.split()[0] in args.sets]
         print(f"defaults: {len(sets)} rating sets x {len(settings)} settings, local[2]")
         results: dict[tuple[str, str], float] = {}
         n = 0
