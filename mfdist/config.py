@@ -130,6 +130,10 @@ class TrainConfig:
     eval_every: int = 1
     eval_sample: int = 100_000
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    # DSGD: start from the factors and biases of a published run (warm_start_run, else the newest
+    # succeeded run under output.root); ids new since then start as in a cold start.
+    warm_start: bool = False
+    warm_start_run: Optional[str] = None
 
 
 def resolve_trainer(t: TrainConfig) -> TrainConfig:
@@ -193,6 +197,14 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True)
+class FoldinConfig:
+    """jobs/foldin.py: solve the factors of the given ratings' users (or items) against a published run's other side."""
+
+    base_run: Optional[str] = None
+    side: Literal["users", "items"] = "users"
+
+
+@dataclass(frozen=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     spark: SparkConfig = field(default_factory=SparkConfig)
@@ -203,6 +215,7 @@ class Config:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    foldin: FoldinConfig = field(default_factory=FoldinConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -429,6 +442,12 @@ def validate(cfg: Config) -> None:
         not es.enabled or t.algorithm == "dsgd", "train.early_stopping.enabled",
         "applies to train.algorithm: dsgd (Spark ALS fits all its train.epochs iterations in one call)",
     )
+    _require(
+        not t.warm_start or t.algorithm == "dsgd", "train.warm_start",
+        "applies to train.algorithm: dsgd (Spark ALS takes no initial model, SPARK-21386); "
+        "to add new users to an ALS run without retraining, use jobs/foldin.py",
+    )
+    _require(t.warm_start_run is None or t.warm_start, "train.warm_start_run", "names the run to start from; set train.warm_start: true too")
     _require(t.blocks is None or t.blocks >= 1, "train.blocks", f"must be >= 1, got {t.blocks}")
     _require(t.checkpoint_interval >= 1, "train.checkpoint_interval", "must be >= 1")
     r = cfg.refine
@@ -449,6 +468,9 @@ def validate(cfg: Config) -> None:
     _require(t.eval_sample >= 1, "train.eval_sample", "must be >= 1")
     if cfg.run.run_id is not None:
         check_run_id(cfg.run.run_id)
+    for key, named in (("train.warm_start_run", t.warm_start_run), ("foldin.base_run", cfg.foldin.base_run)):
+        if named is not None:
+            check_run_id(named, key)
     o = cfg.output
     _check_path(o.root, "output.root")
     _check_path(cfg.run.checkpoint_dir, "run.checkpoint_dir")

@@ -32,6 +32,7 @@ from mfdist.split import split
 from mfdist.model import Model
 from mfdist.tracking import open_run
 from mfdist.train import EpochRecord, make_trainer
+from mfdist.train.warm import warm_start
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +164,12 @@ def run(spark: SparkSession, cfg: Config) -> RunResult:
             plan = plan_block(train, cfg)
 
         with metrics.timed("train") as info:
-            fit = make_trainer(cfg).fit(plan.trainer_ratings if plan else train, test=test, callback=on_epoch)
+            warm = warm_start(spark, cfg, user_index, item_index) if cfg.train.warm_start else None
+            if warm:
+                # metrics.value is a number, so the base run's id is in the metric's name.
+                metrics.add("train", f"warm_start_run={warm.run_id}", 1.0)
+                info.update(warm_start_run=warm.run_id)
+            fit = make_trainer(cfg, warm=warm).fit(plan.trainer_ratings if plan else train, test=test, callback=on_epoch)
             model = fit.model
             info.update(algorithm=cfg.train.algorithm, rank=model.rank, mu=round(model.mu, 4), **fit.metrics)
         for name, value in fit.metrics.items():

@@ -33,11 +33,10 @@ that merges the partial top-Ks by score desc, id asc).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
@@ -45,10 +44,10 @@ from pyspark.sql import types as T
 
 from mfdist import lake, topk
 from mfdist import schema as S
-from mfdist.config import Config, OutputConfig, config_from_dict
-from mfdist.errors import ConfigError, InputError
+from mfdist.config import Config, OutputConfig
 from mfdist.ingest import ingest
 from mfdist.publish import Publisher
+from mfdist.published import published_model, run_config
 from mfdist.reindex import apply_index
 from mfdist.split import split
 from mfdist.topk import C, EXCLUDE, Q, RANK, SCORE, VEC, Blocks
@@ -237,12 +236,10 @@ def recommend(
 
 # ---------------------------------------------------------------- rerun from a published run (jobs/recommend.py)
 
-def recorded_config(cfg: Config, run_config: str) -> Config:
+def recorded_config(cfg: Config, recorded: Config) -> Config:
     """The config run ``cfg.run.run_id`` recorded (its input, split and seed give its training ratings), with
     ``cfg``'s output section: what a rescoring may change."""
-    recorded = json.loads(run_config)
-    recorded["output"] = asdict(cfg.output)
-    return config_from_dict(recorded)
+    return replace(recorded, output=cfg.output)
 
 
 def training_ratings(spark: SparkSession, cfg: Config, user_index: DataFrame, item_index: DataFrame) -> DataFrame:
@@ -253,31 +250,11 @@ def training_ratings(spark: SparkSession, cfg: Config, user_index: DataFrame, it
     return split(indexed, method=cfg.split.method, test_fraction=cfg.split.test_fraction, seed=cfg.run.seed)[0]
 
 
-def published_model(spark: SparkSession, root: str, run_id: str) -> Model:
-    """The Model of a published run: its factor tables and ``mu`` (metric ``train``/``mu``)."""
-    row = (
-        lake.read_partition(spark, root, S.METRICS, run_id)
-        .where((F.col("stage") == "train") & (F.col("metric") == "mu"))
-        .select("value")
-        .first()
-    )
-    if row is None:
-        raise InputError(f"run {run_id} under {root}: its metrics have no train/mu; retrain it with this version")
-    users = lake.read_partition(spark, root, S.USER_FACTORS, run_id).select(S.USER_IDX, S.BIAS, S.FACTORS)
-    items = lake.read_partition(spark, root, S.ITEM_FACTORS, run_id).select(S.ITEM_IDX, S.BIAS, S.FACTORS)
-    rank = items.select(F.size(S.FACTORS)).first()
-    return Model(mu=float(row[0]), users=users.cache(), items=items.cache(), rank=int(rank[0]) if rank else 0)
-
-
 def republish(spark: SparkSession, cfg: Config) -> Recommended:
     """Recompute ``recommendations`` and ``similar_items`` of the succeeded run ``run.run_id`` and swap them in."""
     started = time.perf_counter()
     root, run_id = cfg.output.root, cfg.run.run_id
-    runs = lake.runs_by_status(spark, root)
-    record = None if runs is None else runs.where(F.col(S.RUN_ID) == run_id).select("config").first()
-    if record is None:
-        raise ConfigError(f"run.run_id: no succeeded run {run_id} under {root}")
-    trained = recorded_config(cfg, record[0])
+    trained = recorded_config(cfg, run_config(spark, root, run_id, key="run.run_id"))
     user_index = lake.read_partition(spark, root, S.USER_INDEX, run_id).cache()
     item_index = lake.read_partition(spark, root, S.ITEM_INDEX, run_id).cache()
     model = published_model(spark, root, run_id)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
@@ -17,6 +17,9 @@ from mfdist import schema as S
 from mfdist.config import Config
 from mfdist.errors import ModelFitError
 from mfdist.model import Model
+
+if TYPE_CHECKING:
+    from mfdist.train.warm import WarmStart
 
 
 @dataclass(frozen=True)
@@ -52,15 +55,15 @@ class Trainer(ABC):
         """Train on ``train``; ``test`` (indexed, may hold unseen ids) is for per-epoch RMSE."""
 
 
-def make_trainer(cfg: Config) -> Trainer:
-    """The trainer for ``train.algorithm``."""
+def make_trainer(cfg: Config, *, warm: WarmStart | None = None) -> Trainer:
+    """The trainer for ``train.algorithm``; ``warm`` (DSGD only, see config validation): the factors to start from."""
     if cfg.train.algorithm == "als":
         from mfdist.train.als import ALSTrainer
 
         return ALSTrainer(cfg)
     from mfdist.train.dsgd.trainer import DSGDTrainer
 
-    return DSGDTrainer(cfg)
+    return DSGDTrainer(cfg, warm=warm)
 
 
 def check_finite(model: Model) -> None:

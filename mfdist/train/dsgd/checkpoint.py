@@ -22,7 +22,7 @@ import math
 import re
 from dataclasses import asdict, dataclass
 from functools import partial
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 from pyspark import RDD, AccumulatorParam
@@ -34,6 +34,9 @@ from mfdist import schema as S
 from mfdist.train.dsgd import tasks
 from mfdist.train.dsgd.kernel import NO_ERRORS, BlockErrors
 from mfdist.train.dsgd.schedule import HELD, MOVING, Grid
+
+if TYPE_CHECKING:
+    from mfdist.train.warm import WarmStart
 
 _STATE_FILE = re.compile(r"epoch-(\d{6})\.json")
 _EPOCH_DIR = re.compile(r"epoch-(\d{6})")
@@ -85,6 +88,15 @@ class _Reports(AccumulatorParam):
         return a
 
 
+def _with_warm_rows(counts: DataFrame, warm: WarmStart | None, idx_col: str, *, biases: bool) -> DataFrame:
+    """``counts`` (_idx, _n) with _wb (bias) and _wv (factors): the warm start's row where it has one, else null."""
+    if warm is None:
+        return counts.select("*", F.lit(None).cast("float").alias("_wb"), F.lit(None).cast(S.FACTOR_TYPE).alias("_wv"))
+    bias = F.col(S.BIAS) if biases else F.lit(0.0)
+    rows = warm.side(idx_col).select(F.col(idx_col).alias("_idx"), bias.cast("float").alias("_wb"), F.col(S.FACTORS).alias("_wv"))
+    return counts.join(rows, "_idx", "left")
+
+
 class CheckpointStore:
     """One fit's checkpoint folder (driver side: the tasks never open files themselves)."""
 
@@ -112,15 +124,18 @@ class CheckpointStore:
         errors = BlockErrors(*(math.fsum(col) for col in zip(*held))) if held else NO_ERRORS
         return errors, {kind: Rows.concat([r for r in reports if r.kind == kind], rank) for kind in (HELD, MOVING)}
 
-    def write_initial(self, ratings: DataFrame, grid: Grid, *, rank: int, seed: int) -> None:
-        """Epoch 0: every block of both sides, built from the rows' rating counts by one task per block."""
+    def write_initial(self, ratings: DataFrame, grid: Grid, *, rank: int, seed: int, warm: WarmStart | None = None,
+                      biases: bool = True) -> None:
+        """Epoch 0: every block of both sides, built from the rows' rating counts (and the ``warm`` start's rows
+        where it has them) by one task per block."""
         d = grid.d
         numbers = self.spark.range(d).select(F.col("id").cast("int").alias("_block"))
         sides = []
         for kind in (HELD, MOVING):
-            col = F.col(grid.side_col(kind))
-            counts = ratings.groupBy(col.alias("_idx")).agg(F.count(F.lit(1)).cast("int").alias("_n")).select(
-                (F.col("_idx") % d).cast("int").alias("_block"), (F.col("_idx") / d).cast("int").alias("_row"), "_n",
+            idx_col = grid.side_col(kind)
+            counts = ratings.groupBy(F.col(idx_col).alias("_idx")).agg(F.count(F.lit(1)).cast("int").alias("_n"))
+            counts = _with_warm_rows(counts, warm, idx_col, biases=biases).select(
+                (F.col("_idx") % d).cast("int").alias("_block"), (F.col("_idx") / d).cast("int").alias("_row"), "_n", "_wb", "_wv",
             )
             build = partial(tasks.initial_block, kind=kind, grid=grid, rank=rank, seed=seed)
             sides.append(numbers.groupBy("_block").cogroup(counts.groupBy("_block")).applyInArrow(build, tasks.BLOCK_DDL))

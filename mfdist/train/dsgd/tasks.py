@@ -126,18 +126,26 @@ def from_row(row, *, rank: int) -> FactorBlock:
 
 
 def initial_block(blocks: pa.Table, counts: pa.Table, *, kind: str, grid: Grid, rank: int, seed: int) -> pa.Table:
-    """Epoch 0 of one block (a cogroup of the block number with its rows' rating counts).
+    """Epoch 0 of one block (a cogroup of the block number with its rows' rating counts and warm-start rows).
 
-    Random factors on trained rows (seeded by side and block), zero biases, AdaGrad sums of 1.
+    Random factors on trained rows (seeded by side and block) and zero biases, except where a
+    warm start gives a row's bias (_wb) and factors (_wv); AdaGrad sums of 1.
     """
     b = blocks.column("_block")[0].as_py()
     size = grid.block_rows(kind, b)
     n = np.zeros(size, np.int32)
-    n[counts.column("_row").to_numpy()] = counts.column("_n").to_numpy()
+    rows = counts.column("_row").to_numpy()
+    n[rows] = counts.column("_n").to_numpy()
     rng = np.random.default_rng([seed, 0 if kind == HELD else 1, b])
     vecs = (rng.standard_normal((size, rank)) * (INIT_SCALE / math.sqrt(rank))).astype(np.float32)
     vecs[n == 0] = 0.0  # untrained rows predict with the bias model, as evaluate does
-    fb = FactorBlock(kind, b, vecs, np.zeros(size, np.float32), n, np.ones(size, np.float32), NO_ERRORS)
+    bias = np.zeros(size, np.float32)
+    warm = counts.column("_wv").combine_chunks()
+    if warm.null_count < len(warm):
+        has = warm.is_valid().to_numpy(zero_copy_only=False)
+        vecs[rows[has]] = warm.filter(has).flatten().to_numpy().reshape(-1, rank)
+        bias[rows[has]] = counts.column("_wb").to_numpy()[has]
+    fb = FactorBlock(kind, b, vecs, bias, n, np.ones(size, np.float32), NO_ERRORS)
     return pa.Table.from_pylist([dict(zip(_ARROW_BLOCK_SCHEMA.names, block_row(fb)))], schema=_ARROW_BLOCK_SCHEMA)
 
 

@@ -30,6 +30,7 @@ from mfdist.train.dsgd.checkpoint import CheckpointStore, Rows, TrainState
 from mfdist.train.dsgd.kernel import BlockErrors
 from mfdist.train.dsgd.layout import Layout, identity, lay_out, zippable
 from mfdist.train.dsgd.schedule import HELD, MOVING, Grid, grid_for, strata_order
+from mfdist.train.warm import WarmStart
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +61,9 @@ def run_epoch(layout: Layout, hyper: tasks.Hyper, blocks: RDD, *, lr: float, see
 class DSGDTrainer(Trainer):
     """Stratified distributed SGD with a compiled block kernel, bold driver and per-epoch checkpoints."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, *, warm: WarmStart | None = None):
         super().__init__(cfg)
+        self.warm = warm
         if cfg.input.implicit:
             raise ConfigError(
                 "train.algorithm: dsgd does not support implicit feedback (input.implicit: true) yet; "
@@ -84,12 +86,13 @@ class DSGDTrainer(Trainer):
         layout_key = {
             "d": d, "rank": t.rank, "held": grid.held_col, "n_held": grid.n_held, "n_moving": grid.n_moving, "biases": t.biases,
             "seed": seed, **({"validation_fraction": es.validation_fraction} if es.enabled else {}),
+            **({"warm_start_run": self.warm.run_id} if self.warm else {}),
         }
         state = _resume_state(previous, layout_key, run_id, store)
         log.info(
             "dsgd: d=%d (%d tasks per sub-epoch) rank=%d reg=%g bias_reg=%g biases=%s held=%s (%d) moving=%s (%d) %s",
             d, grid.tasks, t.rank, t.reg, t.bias_reg, t.biases, grid.held_col, grid.n_held, grid.moving_col, grid.n_moving,
-            f"resuming after epoch {state.epoch}" if state else "from scratch",
+            f"resuming after epoch {state.epoch}" if state else f"from run {self.warm.run_id}'s factors" if self.warm else "from scratch",
         )
         records: list[EpochRecord] = []
         if state is None or (state.epoch < t.epochs and not _stopped(state, es)):
@@ -128,9 +131,9 @@ class DSGDTrainer(Trainer):
         return TrainResult(model, records, metrics=_stopping_metrics(state, es, final))
 
     def _start(self, store: CheckpointStore, train: DataFrame, grid: Grid, layout_key: dict, *, n_train: int) -> TrainState:
-        """Write epoch 0 (initial factors) and the first state."""
+        """Write epoch 0 (initial factors, or the warm start's where it has them) and the first state."""
         t = self.cfg.train
-        store.write_initial(train, grid, rank=t.rank, seed=self.cfg.run.seed)
+        store.write_initial(train, grid, rank=t.rank, seed=self.cfg.run.seed, warm=self.warm, biases=t.biases)
         trained = store.trained_rows(0)
         means = [n_train / max(trained.get(kind, 0), 1) for kind in (HELD, MOVING)]
         state = TrainState(epoch=0, kept_epoch=0, step_size=t.step_size, loss=None, layout=layout_key, mean_counts=means)
