@@ -70,6 +70,20 @@ class Metrics:
         log.info("%s: done in %.1f s %s", stage, seconds, details)
 
 
+def with_ingest_counts(record: RunRecord, parts: list[IngestResult], metrics: Metrics, info: dict[str, object]) -> RunRecord:
+    """``record`` with the rows read, accepted and rejected over ``parts``, also as ``ingest`` metrics."""
+    record = replace(
+        record,
+        input_rows=sum(p.input_rows for p in parts),
+        accepted_rows=sum(p.accepted_rows for p in parts),
+        rejected_rows=sum(p.rejected_rows for p in parts),
+    )
+    for name in ("input_rows", "accepted_rows", "rejected_rows"):
+        metrics.add("ingest", name, getattr(record, name))
+    info.update(input_rows=record.input_rows, accepted=record.accepted_rows, rejected=record.rejected_rows)
+    return record
+
+
 def _ingest_all(spark: SparkSession, cfg: Config) -> tuple[IngestResult, IngestResult | None]:
     train = ingest(spark, cfg.input)
     test = ingest(spark, cfg.input, path=cfg.split.test_path) if cfg.split.method == "file" else None
@@ -106,17 +120,8 @@ def run(spark: SparkSession, cfg: Config) -> RunResult:
         tracked = open_run(cfg)
         with metrics.timed("ingest") as info:
             train_in, test_in = _ingest_all(spark, cfg)
-            parts = [train_in] + ([test_in] if test_in else [])
-            record = replace(
-                record,
-                input_rows=sum(p.input_rows for p in parts),
-                accepted_rows=sum(p.accepted_rows for p in parts),
-                rejected_rows=sum(p.rejected_rows for p in parts),
-            )
+            record = with_ingest_counts(record, [train_in] + ([test_in] if test_in else []), metrics, info)
             rejected = train_in.rejected if test_in is None else train_in.rejected.unionByName(test_in.rejected)
-            info.update(input_rows=record.input_rows, accepted=record.accepted_rows, rejected=record.rejected_rows)
-        for name in ("input_rows", "accepted_rows", "rejected_rows"):
-            metrics.add("ingest", name, getattr(record, name))
 
         with metrics.timed("reindex") as info:
             everything = train_in.ratings if test_in is None else train_in.ratings.unionByName(test_in.ratings)

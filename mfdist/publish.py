@@ -97,13 +97,14 @@ class Publisher:
         if self.cfg.output.database:
             catalog.register_run(self.spark, self.cfg, [S.RUNS])
 
-    def begin(self) -> RunRecord:
-        """Record the run as ``running``, then clear what an earlier attempt of it left."""
+    def begin(self, *, algorithm: str | None = None) -> RunRecord:
+        """Record the run as ``running`` (``algorithm``: train.algorithm unless given), then clear what an
+        earlier attempt of it left."""
         record = RunRecord(
             run_id=self.run_id,
             status="running",
             started_at=now(),
-            algorithm=self.cfg.train.algorithm,
+            algorithm=algorithm or self.cfg.train.algorithm,
             config=json.dumps(self.cfg.to_dict(), sort_keys=True),
         )
         self._write_run_record(record)

@@ -45,6 +45,7 @@ from pyspark.sql import types as T
 from mfdist import lake, topk
 from mfdist import schema as S
 from mfdist.config import Config, OutputConfig
+from mfdist.errors import ConfigError
 from mfdist.ingest import ingest
 from mfdist.publish import Publisher
 from mfdist.published import published_model, run_config
@@ -255,6 +256,12 @@ def republish(spark: SparkSession, cfg: Config) -> Recommended:
     started = time.perf_counter()
     root, run_id = cfg.output.root, cfg.run.run_id
     trained = recorded_config(cfg, run_config(spark, root, run_id, key="run.run_id"))
+    if trained.foldin.base_run is not None:
+        # Its recorded input is only the folded users' ratings, not every user's seen items.
+        raise ConfigError(
+            f"run.run_id: run {run_id} is a fold-in of run {trained.foldin.base_run}; its lists were recomputed by "
+            "jobs/foldin.py, so rescore a training run (or fold in again with other output.* settings)"
+        )
     user_index = lake.read_partition(spark, root, S.USER_INDEX, run_id).cache()
     item_index = lake.read_partition(spark, root, S.ITEM_INDEX, run_id).cache()
     model = published_model(spark, root, run_id)

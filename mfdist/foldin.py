@@ -1,0 +1,243 @@
+"""Fold-in (jobs/foldin.py): factors for new or changed users (or items) against a published run, without retraining.
+
+For every user in the given ratings (a known user's whole history, or a new
+user's first ratings) the job solves the user's bias and factors with the base
+run's items, item biases and mu fixed, minimising the base trainer's own
+objective for that one row::
+
+    sum_i (r_ui - mu - b_i - b_u - p_u . q_i)^2 + lambda_p(n_u) |p_u|^2 + bias_reg b_u^2
+
+with ``lambda_p(n) = reg * n`` for ALS (MLlib's ALS-WR weighting) and
+``reg * mean_count**0.4 * n**0.6`` for DSGD (its per-row penalty summed over
+the row's n ratings, see :func:`mfdist.train.dsgd.kernel.penalty_weights`),
+a ridge regression in ``[b_u, p_u]`` solved exactly by one (rank + 1)^2 system.
+The solves run in Spark tasks, one group of ratings per user
+(``groupBy().applyInArrow``); nothing per user reaches the driver.
+
+The job publishes a run of its own (run_id, ``runs`` row, every table):
+``user_factors`` are the base run's with the folded users replaced or added,
+the item tables are the base run's, ``recommendations`` are recomputed for the
+folded users (their given ratings are the seen items) and carried over for the
+rest. New user ids are appended to ``user_index`` as in training. Ratings of
+items the base run has no factors for go to ``rejected_ratings``.
+``foldin.side: items`` is the same with the sides swapped; there the
+recommendations are carried over (new items enter users' lists at the next
+training run) and ``similar_items`` are recomputed over all items.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+
+import numpy as np
+import pyarrow as pa
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from mfdist import lake
+from mfdist import schema as S
+from mfdist.config import Config
+from mfdist.errors import ConfigError
+from mfdist.ingest import count_by_reason, ingest
+from mfdist.model import Model
+from mfdist.pipeline import Metrics, with_ingest_counts
+from mfdist.publish import Publisher, RunRecord, epochs_frame, factor_table, metrics_frame
+from mfdist.published import factor_rank, run_config, run_mu
+from mfdist.recommend import recommend, similar_item_lists, similar_items_table
+from mfdist.reindex import build_index, check_capacity
+from mfdist.report import build_report
+from mfdist.train.dsgd.tasks import FREQUENCY_EXPONENT
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Ridge:
+    """The base trainer's penalties on one row with ``n`` ratings: ``factor(n) |p|^2 + bias_reg b^2``."""
+
+    reg: float
+    bias_reg: float
+    biases: bool
+    exponent: float = 1.0  # 1: reg * n (ALS); DSGD: its frequency exponent
+    mean_count: float = 1.0  # DSGD: mean ratings per trained row of the side, as in training
+
+    def factor(self, n: int) -> float:
+        return self.reg * self.mean_count ** (1.0 - self.exponent) * n ** self.exponent
+
+
+def ridge_for(base: Config, *, mean_count: float) -> Ridge:
+    """The penalties of the trainer that fitted the base run."""
+    t = base.train
+    if t.algorithm == "als":
+        return Ridge(t.reg, t.bias_reg, t.biases)
+    return Ridge(t.reg, t.bias_reg, t.biases, exponent=FREQUENCY_EXPONENT, mean_count=mean_count)
+
+
+def solve_row(fixed: np.ndarray, target: np.ndarray, ridge: Ridge) -> tuple[float, np.ndarray]:
+    """(bias, factors) minimising ``|target - b - fixed @ p|^2 + ridge`` for one row (float64 normal equations)."""
+    n, rank = fixed.shape
+    design = np.column_stack([np.ones(n), fixed]) if ridge.biases else fixed
+    penalty = np.full(design.shape[1], ridge.factor(n))
+    if ridge.biases:
+        penalty[0] = ridge.bias_reg
+    x = np.linalg.solve(design.T @ design + np.diag(penalty), design.T @ target)
+    return (float(x[0]), x[1:]) if ridge.biases else (0.0, x)
+
+
+_ELEMENT = pa.list_(pa.field("element", pa.float32(), nullable=False))
+
+
+def solve_group(table: pa.Table, *, key: str, rank: int, ridge: Ridge) -> pa.Table:
+    """One row's ratings (key, _y = r - mu - b_fixed, _q = fixed factors) -> its (key, bias, factors)."""
+    fixed = table.column("_q").combine_chunks().flatten().to_numpy().reshape(-1, rank).astype(np.float64)
+    bias, factors = solve_row(fixed, table.column("_y").to_numpy().astype(np.float64), ridge)
+    vec = pa.FixedSizeListArray.from_arrays(pa.array(factors, pa.float32()), rank).cast(_ELEMENT)
+    return pa.table({key: table.column(key).slice(0, 1), S.BIAS: pa.array([bias], pa.float32()), S.FACTORS: vec})
+
+
+def fold_in(ratings: DataFrame, fixed: DataFrame, *, key: str, other: str, mu: float, rank: int, ridge: Ridge) -> DataFrame:
+    """(key, bias, factors) for every ``key`` of ``ratings`` (key, other, rating), against ``fixed`` (other, bias, factors)."""
+    rows = ratings.join(fixed, other).select(
+        key, (F.col(S.RATING) - F.lit(mu) - F.col(S.BIAS)).alias("_y"), F.col(S.FACTORS).alias("_q"),
+    )
+    schema = S.MODEL_SCHEMA_USERS if key == S.USER_IDX else S.MODEL_SCHEMA_ITEMS
+    # A lambda, not a partial: pyspark 4.3 reads a partial's type hints and fails where it finds them unresolvable.
+    return rows.groupBy(key).applyInArrow(lambda table: solve_group(table, key=key, rank=rank, ridge=ridge), schema)
+
+
+@dataclass(frozen=True)
+class Side:
+    """The tables of one side of the model."""
+
+    name: str  # users | items
+    id_col: str
+    idx_col: str
+    index: str
+    factors: str
+
+
+USERS = Side("users", S.USER_ID, S.USER_IDX, S.USER_INDEX, S.USER_FACTORS)
+ITEMS = Side("items", S.ITEM_ID, S.ITEM_IDX, S.ITEM_INDEX, S.ITEM_FACTORS)
+
+
+def _base(spark: SparkSession, cfg: Config) -> tuple[str, Config]:
+    """The base run's id and recorded config; a missing run or one fold-in cannot solve against is a ConfigError."""
+    base_id = cfg.foldin.base_run
+    if base_id is None:
+        raise ConfigError("foldin.base_run: required: the run whose factors the new ratings are folded in against")
+    base = run_config(spark, cfg.output.root, base_id, key="foldin.base_run")
+    if base.input.implicit or base.train.nonnegative:
+        raise ConfigError(
+            f"foldin.base_run: run {base_id} was trained with "
+            f"{'input.implicit' if base.input.implicit else 'train.nonnegative'}; fold-in solves explicit, unconstrained least squares"
+        )
+    if cfg.input.implicit:
+        raise ConfigError("input.implicit: fold-in solves explicit ratings")
+    return base_id, base
+
+
+def _unknown_rejected(rows: DataFrame, *, reason: str) -> DataFrame:
+    """Accepted ratings the fold-in cannot use, as ``rejected_ratings`` rows (their columns as strings)."""
+    return rows.select(*[F.col(c).cast("string").alias(c) for c in S.RAW_COLUMNS], F.lit(reason).alias(S.REASON))
+
+
+@dataclass
+class FoldinResult:
+    record: RunRecord
+    folded: int
+    new_ids: int
+    metrics: dict[tuple[str, str], float]
+
+
+def run_foldin(spark: SparkSession, cfg: Config) -> FoldinResult:
+    """Fold the ratings of ``input`` into run ``foldin.base_run`` and publish the result as run ``run.run_id``."""
+    root, run_id = cfg.output.root, cfg.run.run_id
+    base_id, base = _base(spark, cfg)
+    side, other = (USERS, ITEMS) if cfg.foldin.side == "users" else (ITEMS, USERS)
+    # The run records the base's trainer settings, so a later fold-in or warm start on it solves the same objective.
+    publisher = Publisher(spark, replace(cfg, train=base.train))
+    record = publisher.begin(algorithm="foldin")
+    metrics = Metrics()
+    try:
+        with metrics.timed("ingest") as info:
+            given = ingest(spark, cfg.input)
+            record = with_ingest_counts(record, [given], metrics, info)
+
+        def published(table: str) -> DataFrame:
+            return lake.read_partition(spark, root, table, base_id)
+
+        fixed = published(other.factors).select(other.id_col, other.idx_col, S.BIAS, S.FACTORS).cache()
+        rank = factor_rank(fixed)
+        with_fixed = given.ratings.join(fixed.select(other.id_col, other.idx_col), other.id_col, "left")
+        known = with_fixed.where(F.col(other.idx_col).isNotNull())
+        unusable = _unknown_rejected(with_fixed.where(F.col(other.idx_col).isNull()), reason=f"{other.id_col} has no factors in run {base_id}")
+        rejected = given.rejected.unionByName(unusable)
+        n_unusable = unusable.count()
+        record = replace(record, accepted_rows=record.accepted_rows - n_unusable, rejected_rows=record.rejected_rows + n_unusable)
+        metrics.add("foldin", "rejected_rows", n_unusable)
+        with metrics.timed("reindex") as info:
+            base_index = published(side.index)
+            # Only ids with a usable rating get an index, as training indexes only accepted ratings.
+            index = build_index(known, base_index, id_col=side.id_col, idx_col=side.idx_col, table=side.index).cache()
+            size = index.count()
+            check_capacity(size, side.index)
+            new_ids = size - base_index.count()
+            info.update(ids=size, new_ids=new_ids)
+        metrics.add("reindex", side.name, size)
+        metrics.add("reindex", f"new_{side.name}", new_ids)
+
+        with metrics.timed("foldin") as info:
+            usable = known.join(index, side.id_col).cache()
+            mu = run_mu(spark, root, base_id)
+            train_rows = lake.read_partition(spark, root, S.METRICS, base_id).where(
+                (F.col("stage") == "split") & (F.col("metric") == "train_rows")).select("value").first()
+            trained = published(side.factors).count()
+            ridge = ridge_for(base, mean_count=(train_rows[0] if train_rows else trained) / max(trained, 1))
+            solved = fold_in(usable, fixed.select(other.idx_col, S.BIAS, S.FACTORS), key=side.idx_col, other=other.idx_col,
+                             mu=mu, rank=rank, ridge=ridge).cache()
+            folded = solved.count()
+            info.update(folded=folded, rank=rank, base_run=base_id)
+        metrics.add("foldin", side.name, folded)
+        # metrics.value is a number, so the base run's id is in the metric's name.
+        metrics.add("foldin", f"base_run={base_id}", 1.0)
+        metrics.add("train", "mu", mu)  # jobs/recommend.py and later fold-ins score this run with it
+
+        with metrics.timed("recommend") as info:
+            base_recs = published(S.RECOMMENDATIONS)
+            if side is USERS:
+                model = Model(mu=mu, users=solved, items=fixed.select(S.ITEM_IDX, S.BIAS, S.FACTORS), rank=rank)
+                output = replace(cfg.output, similar_items=0, cold_start_popular=False)
+                fresh = recommend(spark, model, usable, index, published(S.ITEM_INDEX), output=output, k=cfg.output.top_n)
+                kept = base_recs.join(usable.select(S.USER_ID).distinct(), S.USER_ID, "left_anti")
+                recommendations = kept.unionByName(fresh.recommendations)
+                similar = published(S.SIMILAR_ITEMS)
+                info.update(users_listed=fresh.listed_users)
+            else:
+                items = published(S.ITEM_FACTORS).select(S.ITEM_IDX, S.BIAS, S.FACTORS).join(solved, S.ITEM_IDX, "left_anti")
+                lists = similar_item_lists(items.unionByName(solved), k=cfg.output.similar_items,
+                                           broadcast_max_mb=cfg.output.broadcast_max_mb)
+                recommendations, similar = base_recs, similar_items_table(lists, index)
+
+        with metrics.timed("publish") as info:
+            carried = published(side.factors).join(solved.select(side.idx_col), side.idx_col, "left_anti")
+            tables = {
+                side.index: index,
+                other.index: published(other.index),
+                side.factors: carried.unionByName(factor_table(solved, index, idx_col=side.idx_col)),
+                other.factors: published(other.factors),
+                S.RECOMMENDATIONS: recommendations,
+                S.SIMILAR_ITEMS: similar,
+                S.REJECTED_RATINGS: rejected,
+                S.EPOCHS: epochs_frame(spark, []),
+            }
+            for table, frame in tables.items():
+                publisher.write(table, frame)
+            info.update(root=root, run_id=run_id)
+        publisher.write(S.METRICS, metrics_frame(spark, metrics.rows))
+        publisher.write_report(build_report(record, metrics.rows, [], count_by_reason(rejected)))
+        record = publisher.commit(record)
+    except BaseException as exc:
+        publisher.fail(record, exc)
+        raise
+    return FoldinResult(record=record, folded=folded, new_ids=new_ids, metrics=metrics.as_dict())
