@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from mfdist.cli import base_parser, run_job  # noqa: E402
 from mfdist.config import Config  # noqa: E402
-from mfdist.foldin import run_foldin  # noqa: E402
+from mfdist.foldin.job import run_foldin  # noqa: E402
 from mfdist.session import build_session  # noqa: E402
 
 

@@ -216,12 +216,14 @@ def run(spark: SparkSession, cfg: Config) -> RunResult:
                 info.update({name: round(value, 4) for name, value in ranking.items()})
 
         with metrics.timed("publish") as info:
-            publisher.write(S.USER_INDEX, user_index)
-            publisher.write(S.ITEM_INDEX, item_index)
-            publisher.write(S.USER_FACTORS, factor_table(model.users, user_index, idx_col=S.USER_IDX, refined=refined.users if refined else None))
-            publisher.write(S.ITEM_FACTORS, factor_table(model.items, item_index, idx_col=S.ITEM_IDX, refined=refined.items if refined else None))
-            publisher.write(S.REJECTED_RATINGS, rejected)
-            publisher.write(S.EPOCHS, epochs_frame(spark, epochs))
+            publisher.write_all({
+                S.USER_INDEX: user_index,
+                S.ITEM_INDEX: item_index,
+                S.USER_FACTORS: factor_table(model.users, user_index, idx_col=S.USER_IDX, refined=refined.users if refined else None),
+                S.ITEM_FACTORS: factor_table(model.items, item_index, idx_col=S.ITEM_IDX, refined=refined.items if refined else None),
+                S.REJECTED_RATINGS: rejected,
+                S.EPOCHS: epochs_frame(spark, epochs),
+            })
             info.update(root=cfg.output.root, run_id=cfg.run.run_id)
         # The publish time is known only now, so the metrics table is written last.
         publisher.write(S.METRICS, metrics_frame(spark, metrics.rows))

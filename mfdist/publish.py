@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Optional
@@ -30,6 +31,9 @@ from mfdist import schema as S
 from mfdist.config import Config
 
 log = logging.getLogger(__name__)
+
+# Tables written at once by write_all: each write is a Spark job of its own.
+WRITERS = 4
 
 
 @dataclass(frozen=True)
@@ -119,6 +123,13 @@ class Publisher:
         """Write ``df`` as this run's ``table`` (visible through ``_latest`` once the run commits)."""
         self._write(table, df)
         self.written.append(table)
+
+    def write_all(self, tables: dict[str, DataFrame]) -> None:
+        """Write independent ``tables`` as concurrent Spark jobs (small writes each leave most cores idle)."""
+        with ThreadPoolExecutor(max_workers=WRITERS) as pool:
+            for done in [pool.submit(self._write, table, df) for table, df in tables.items()]:
+                done.result()
+        self.written.extend(tables)
 
     def write_report(self, files: dict[str, bytes]) -> None:
         """The run report's files, in ``<root>/_runs/<run_id>/report/``."""

@@ -10,8 +10,10 @@ from mfdist import lake
 from mfdist import schema as S
 from mfdist.config import SyntheticConfig, load_config
 from mfdist.errors import ConfigError
-from mfdist.foldin import Ridge, run_foldin, solve_row
+from mfdist.foldin.job import run_foldin
+from mfdist.foldin.solve import Ridge, solve_row
 from mfdist.pipeline import run
+from mfdist.recommend import republish
 from mfdist.synth import generate_ratings
 
 RANK = 4
@@ -133,3 +135,10 @@ def test_a_missing_base_run_is_an_error_naming_the_key(spark, lake_with_base):
         run_foldin(spark, _config(lake_with_base, "f-missing", "new", "foldin.base_run=nope"))
     with pytest.raises(ConfigError, match="foldin.base_run: required"):
         run_foldin(spark, _config(lake_with_base, "f-none", "new"))
+
+
+def test_rescoring_a_foldin_run_is_refused_since_its_input_is_only_the_folded_users(spark, lake_with_base):
+    cfg = _config(lake_with_base, "fold-again", "new", "foldin.base_run=base")
+    run_foldin(spark, cfg)
+    with pytest.raises(ConfigError, match="run.run_id: run fold-again is a fold-in of run base"):
+        republish(spark, cfg)
