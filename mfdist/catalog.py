@@ -80,7 +80,6 @@ def register_table(spark: SparkSession, database: str, root: str, table: str, ru
     path = lake.FileSystem(spark, root).qualify(lake.table_path(root, table))
     source = _source(spark, root, table)
     name = quote_ident(f"{database}.{table}")
-    spark.sql(f"CREATE DATABASE IF NOT EXISTS {quote_ident(database)}")
     spark.sql(f"CREATE TABLE IF NOT EXISTS {name} USING {source} LOCATION {sql_string(path)}")
     if source == "parquet" and _hive_managed(spark):
         part = f"{path}/{S.RUN_ID}={run_id}"
@@ -96,17 +95,18 @@ def drop_partition(spark: SparkSession, database: str, table: str, run_id: str) 
 
 
 def create_latest_views(spark: SparkSession, database: str, tables: list[str]) -> None:
-    """``CREATE OR REPLACE VIEW <table>_latest`` for every registered table."""
+    """``<table>_latest`` for every registered table that has none yet (the query names no run, so it never changes)."""
     runs = f"{database}.{S.RUNS}"
     for table in tables:
         view = quote_ident(f"{database}.{table}_latest")
-        spark.sql(f"CREATE OR REPLACE VIEW {view} AS {latest_sql(f'{database}.{table}', runs)}")
+        spark.sql(f"CREATE VIEW IF NOT EXISTS {view} AS {latest_sql(f'{database}.{table}', runs)}")
 
 
 def register_run(spark: SparkSession, cfg: Config, tables: list[str]) -> None:
     """Register ``tables`` and this run's partitions, then (re)create the _latest views."""
     database, root, run_id = cfg.output.database, cfg.output.root, cfg.run.run_id
     assert database is not None
+    spark.sql(f"CREATE DATABASE IF NOT EXISTS {quote_ident(database)}")
     for table in tables:
         register_table(spark, database, root, table, run_id)
     registered = [t for t in S.ALL_TABLES if spark.catalog.tableExists(f"{database}.{t}")]

@@ -160,21 +160,13 @@ def run(spark: SparkSession, cfg: Config) -> RunResult:
                 n_train / e.seconds if e.seconds else 0.0,
             )
 
-        plan = None
-        if cfg.refine.enabled:
-            # Imported here so torch loads only when the stage runs. The block is sampled before
-            # training so that its validation ratings can be kept from the trainer.
-            from mfdist.refine import plan_block, refine
-
-            plan = plan_block(train, cfg)
-
         with metrics.timed("train") as info:
             warm = warm_start(spark, cfg, user_index, item_index) if cfg.train.warm_start else None
             if warm:
                 # metrics.value is a number, so the base run's id is in the metric's name.
                 metrics.add("train", f"warm_start_run={warm.run_id}", 1.0)
                 info.update(warm_start_run=warm.run_id)
-            fit = make_trainer(cfg, warm=warm).fit(plan.trainer_ratings if plan else train, test=test, callback=on_epoch)
+            fit = make_trainer(cfg, warm=warm).fit(train, test=test, callback=on_epoch)
             model = fit.model
             info.update(algorithm=cfg.train.algorithm, rank=model.rank, mu=round(model.mu, 4), **fit.metrics)
         for name, value in fit.metrics.items():
@@ -183,9 +175,12 @@ def run(spark: SparkSession, cfg: Config) -> RunResult:
         metrics.add("train", "mu", model.mu)
 
         refined = None
-        if plan:
+        if cfg.refine.enabled:
+            # Imported here so torch loads only when the stage runs.
+            from mfdist.refine import plan_block, refine
+
             with metrics.timed("refine") as info:
-                refined = refine(plan, model, cfg, callback=partial(record_epoch, "refine"))
+                refined = refine(plan_block(train, cfg), model, cfg, callback=partial(record_epoch, "refine"))
                 model = refined.model
                 for name, value in refined.metrics.items():
                     metrics.add("refine", name, value)

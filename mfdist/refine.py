@@ -1,39 +1,38 @@
-"""Stage 5, refine: fine-tune a sampled block of the model with torch; merge it back where it generalizes.
+"""Stage 5, refine: fine-tune a sampled block of the trained model with torch; merge it where it generalizes.
 
-The stage has two halves around training. Before it, :func:`plan_block`:
+After training, on the same training ratings the trainer fitted:
 
-1. Samples ``refine.sample.users`` users and ``refine.sample.items`` items of the
-   training ratings: ``top_active`` takes those with the most ratings (where most
-   traffic is), ``random`` a uniform draw seeded by ``run.seed``.
-2. Flags a seeded share (``refine.validation_fraction``, by a hash of the pair) of
-   the block's ratings as validation; the trainer fits everything else
-   (:attr:`BlockPlan.trainer_ratings`), so the factors refinement starts from
-   have never seen the validation ratings and the acceptance gate below compares
-   held-out errors, not training errors.
-
-After training, :func:`refine`:
-
-3. Counts the block's ratings in Spark and refuses a block over
+1. :func:`plan_block` samples ``refine.sample.users`` users and ``refine.sample.items``
+   items: ``top_active`` takes those with the most ratings (where most traffic is),
+   ``random`` a uniform draw seeded by ``run.seed``; and flags a seeded share
+   (``refine.validation_fraction``, by a hash of the pair) of the block's ratings
+   as validation.
+2. :func:`refine` counts the block's ratings in Spark and refuses a block over
    ``refine.sample.max_ratings`` before anything is collected; then brings only
    the block to the driver: its ratings and its users' and items' biases and
    factors (all bounded by config).
-4. Fit ``mu + b_u + b_i + p_u . q_i``, initialized from the trained factors,
-   with full-batch (or 65,536-rating mini-batch) Adam on
+3. Fit ``mu + b_u + b_i + p_u . q_i``, initialized from the trained factors, on
+   the block's other ratings with full-batch (or 65,536-rating mini-batch) Adam on
    ``mean((r - r_hat)^2) + train.reg * mean(|p_u|^2 + |q_i|^2)
    + train.bias_reg / n_fit * (sum b_u^2 + sum b_i^2)``: per rating, the sum
    objective of Spark's ALS-WR (whose L2 on a factor grows with its rating
    count) and of the bias fit in :mod:`mfdist.train.biases`, divided by the
    number of fit ratings. ``mu`` stays fixed: it is shared with every user
    outside the block. Early stopping on validation RMSE (``refine.patience``).
-5. Accept only when the best validation RMSE beats the unrefined factors';
-   then exactly the sampled users' and items' rows of ``model.users`` and
-   ``model.items`` are replaced by a broadcast join of the refined rows.
+4. Accept only when the best validation RMSE beats the trained factors'. The
+   gate leans towards keeping them: the trainer fitted the validation ratings
+   (so nothing is taken from the published model), the refinement did not.
+5. When accepted, refit the block from the trained factors on all its ratings,
+   validation included, for the chosen number of epochs; then exactly the
+   sampled users' and items' rows of ``model.users`` and ``model.items`` are
+   replaced by a broadcast join of the refit rows. Not accepted: the trained
+   model is published unchanged, as with the stage off.
 
 ``refine.head: mlp`` also trains :class:`ResidualMLP` on the block, on top of
-the frozen dot-product model that is published, to predict its residual; its
-validation RMSE is reported as ``mlp_rmse`` and its weights and config are saved
-under ``<output.root>/_runs/<run_id>/artifacts/``. Published factors stay the
-dot-product model.
+the frozen validation-chosen dot-product model (before the refit), to predict its
+residual; its validation RMSE is reported as ``mlp_rmse`` and its weights and
+config are saved under ``<output.root>/_runs/<run_id>/artifacts/``. Published
+factors stay the dot-product model.
 
 Precision: the dot-product model is float32 everywhere (its parameters are the
 published float factors, and rank-sized gathers are memory-bound, so half
@@ -53,7 +52,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -103,7 +102,7 @@ class Block:
     rows: np.ndarray
     cols: np.ndarray
     ratings: np.ndarray
-    held_out: np.ndarray  # bool: the validation ratings (unseen by the trainer)
+    held_out: np.ndarray  # bool: the validation ratings (unseen by the refinement's fit)
 
 
 @dataclass(frozen=True)
@@ -163,20 +162,11 @@ def ids_frame(spark: SparkSession, ids: list[int], idx_col: str) -> DataFrame:
 
 @dataclass(frozen=True)
 class BlockPlan:
-    """The block, sampled before training, and the training ratings with its validation part flagged.
-
-    The trainer fits :attr:`trainer_ratings`, so the block's validation ratings are unseen
-    by the factors that refinement starts from, and the acceptance gate is out of sample.
-    """
+    """The sampled block and the training ratings with its validation part flagged."""
 
     users: DataFrame  # user_idx of the block (refine.sample.users rows at most)
     items: DataFrame  # item_idx of the block
     ratings: DataFrame  # user_idx, item_idx, rating, _held_out
-
-    @property
-    def trainer_ratings(self) -> DataFrame:
-        """The training ratings without the block's validation part."""
-        return self.ratings.where(~F.col(HELD_OUT)).drop(HELD_OUT)
 
 
 def plan_block(train: DataFrame, cfg: Config) -> BlockPlan:
@@ -299,6 +289,27 @@ def clipped_rmse(pred: torch.Tensor, y: torch.Tensor, rating_range: list[float])
     return float(torch.sqrt((err * err).mean()))
 
 
+def _train_epochs(
+    module: torch.nn.Module, optimizer: torch.optim.Optimizer, batch_loss: Callable[[torch.Tensor], torch.Tensor], *, n_fit: int, seed: int
+) -> Iterator[float]:
+    """Endless epochs of ``optimizer`` over shuffled mini-batches of ``n_fit`` ratings; yields each epoch's mean loss."""
+    shuffle = torch.Generator().manual_seed(seed)
+    device = next(module.parameters()).device
+    while True:
+        module.train()
+        order = torch.randperm(n_fit, generator=shuffle).to(device)
+        total = torch.zeros((), device=device)
+        for start in range(0, n_fit, BATCH_SIZE):
+            batch = order[start : start + BATCH_SIZE]
+            optimizer.zero_grad(set_to_none=True)
+            loss = batch_loss(batch)
+            loss.backward()
+            optimizer.step()
+            total += loss.detach() * len(batch)
+        module.eval()
+        yield float(total) / n_fit
+
+
 def _fit(
     module: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -312,29 +323,16 @@ def _fit(
     label: str,
     callback: EpochCallback | None = None,
 ) -> FitOutcome:
-    """Epochs of ``optimizer`` over shuffled mini-batches of the fit part, early-stopped on validation RMSE; keeps the best state."""
+    """Up to ``epochs`` epochs on the fit part, early-stopped on validation RMSE; keeps the best state."""
     module.eval()
     rmse_before = best = evaluate()[1]
     best_state, best_epoch, stale, records = copy.deepcopy(module.state_dict()), 0, 0, []
     lr = optimizer.param_groups[0]["lr"]
-    shuffle = torch.Generator().manual_seed(seed)
-    device = next(module.parameters()).device
     bar = tqdm(total=epochs, desc=label, disable=not sys.stderr.isatty(), leave=False)
-    for epoch in range(1, epochs + 1):
-        started = time.perf_counter()
-        module.train()
-        order = torch.randperm(n_fit, generator=shuffle).to(device)
-        total = torch.zeros((), device=device)
-        for start in range(0, n_fit, BATCH_SIZE):
-            batch = order[start : start + BATCH_SIZE]
-            optimizer.zero_grad(set_to_none=True)
-            loss = batch_loss(batch)
-            loss.backward()
-            optimizer.step()
-            total += loss.detach() * len(batch)
-        module.eval()
+    started = time.perf_counter()
+    for epoch, loss in zip(range(1, epochs + 1), _train_epochs(module, optimizer, batch_loss, n_fit=n_fit, seed=seed)):
         train_rmse, val_rmse = evaluate()
-        record = EpochRecord(epoch, float(total) / n_fit, train_rmse, val_rmse, lr, time.perf_counter() - started)
+        record = EpochRecord(epoch, loss, train_rmse, val_rmse, lr, time.perf_counter() - started)
         records.append(record)
         if callback:
             callback(record)
@@ -349,6 +347,7 @@ def _fit(
             stale += 1
             if stale >= patience:
                 break
+        started = time.perf_counter()
     bar.close()
     module.load_state_dict(best_state)
     module.eval()
@@ -379,26 +378,43 @@ def block_tensors(block: Block, device: torch.device) -> BlockTensors:
     )
 
 
-def refine_dot(dot: DotModel, data: BlockTensors, cfg: Config, *, callback: EpochCallback | None = None) -> FitOutcome:
-    """Fine-tune ``dot`` in place on the fit part; it ends holding the best validation state."""
-    t, r = cfg.train, cfg.refine
-    n_fit = len(data.fit)
-    bias_reg_per_rating = t.bias_reg / n_fit
+def _dot_loss(dot: DotModel, data: BlockTensors, part: torch.Tensor, cfg: Config) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The objective of ``dot`` on a mini-batch of positions into ``part`` (the ratings it fits)."""
+    t = cfg.train
+    bias_reg_per_rating = t.bias_reg / len(part)
 
     def batch_loss(batch: torch.Tensor) -> torch.Tensor:
-        i = data.fit[batch]
+        i = part[batch]
         return dot.objective(data.rows[i], data.cols[i], data.y[i], reg=t.reg, bias_reg_per_rating=bias_reg_per_rating)
+
+    return batch_loss
+
+
+def _adam(dot: DotModel, cfg: Config) -> torch.optim.Optimizer:
+    return torch.optim.Adam([p for p in dot.parameters() if p.requires_grad], lr=cfg.refine.lr)
+
+
+def refine_dot(dot: DotModel, data: BlockTensors, cfg: Config, *, callback: EpochCallback | None = None) -> FitOutcome:
+    """Fine-tune ``dot`` in place on the fit part; it ends holding the best validation state."""
+    r = cfg.refine
 
     def evaluate() -> tuple[float, float]:
         with torch.no_grad():
             pred = dot(data.rows, data.cols)
         return tuple(clipped_rmse(pred[part], data.y[part], cfg.input.rating_range) for part in (data.fit, data.val))
 
-    params = [p for p in dot.parameters() if p.requires_grad]
     return _fit(
-        dot, torch.optim.Adam(params, lr=r.lr), batch_loss, evaluate,
-        n_fit=n_fit, epochs=r.epochs, patience=r.patience, seed=cfg.run.seed, label="refine", callback=callback,
+        dot, _adam(dot, cfg), _dot_loss(dot, data, data.fit, cfg), evaluate,
+        n_fit=len(data.fit), epochs=r.epochs, patience=r.patience, seed=cfg.run.seed, label="refine", callback=callback,
     )
+
+
+def refit_dot(dot: DotModel, data: BlockTensors, cfg: Config, *, epochs: int) -> None:
+    """Fit ``dot`` in place on all the block's ratings, validation included, for the validation-chosen ``epochs``."""
+    everything = torch.arange(len(data.y), device=data.y.device)
+    batches = _train_epochs(dot, _adam(dot, cfg), _dot_loss(dot, data, everything, cfg), n_fit=len(everything), seed=cfg.run.seed)
+    for _, loss in zip(range(epochs), batches):
+        log.debug("refine refit: loss=%.4f", loss)
 
 
 def fit_head(dot: DotModel, data: BlockTensors, cfg: Config) -> tuple[ResidualMLP, FitOutcome]:
@@ -435,7 +451,7 @@ def save_head(spark: SparkSession, head: ResidualMLP, outcome: FitOutcome, cfg: 
     config = {
         "model": "ResidualMLP",
         "input": "concat(p_u, q_i, p_u * q_i)",
-        "predicts": "residual of mu + b_u + b_i + p_u . q_i (the published factors)",
+        "predicts": "residual of mu + b_u + b_i + p_u . q_i (the block's validation-chosen factors, before the refit)",
         "rank": head.net[0].in_features // 3,
         "hidden": list(MLP_HIDDEN),
         "activation": "relu",
@@ -488,7 +504,7 @@ def merged_model(spark: SparkSession, model: Model, block: Block, dot: DotModel)
 
 
 def refine(plan: BlockPlan, model: Model, cfg: Config, *, callback: EpochCallback | None = None) -> RefineResult:
-    """Refine the block of ``plan`` in ``model`` (trained on ``plan.trainer_ratings``) and merge it when validation RMSE improves."""
+    """Refine the block of ``plan`` in ``model`` and merge its refit when validation RMSE improves."""
     r = cfg.refine
     spark = plan.ratings.sparkSession
     device = resolve_device(r.device)
@@ -502,10 +518,12 @@ def refine(plan: BlockPlan, model: Model, cfg: Config, *, callback: EpochCallbac
     outcome = refine_dot(dot, data, cfg, callback=callback)
     accepted = outcome.rmse_after < outcome.rmse_before
     log.info("refine: validation rmse %.4f -> %.4f (best epoch %d of %d): %s", outcome.rmse_before, outcome.rmse_after,
-             outcome.best_epoch, len(outcome.epochs), "merged" if accepted else "not merged, the factors are kept")
+             outcome.best_epoch, len(outcome.epochs),
+             "merged after a refit with the validation ratings" if accepted else "not merged, the trained factors are kept")
     metrics = {
         "rmse_before": outcome.rmse_before,
         "rmse_after": outcome.rmse_after,
+        "best_epoch": outcome.best_epoch,
         "users": len(block.users.idx),
         "items": len(block.items.idx),
         "ratings": len(block.ratings),
@@ -513,13 +531,16 @@ def refine(plan: BlockPlan, model: Model, cfg: Config, *, callback: EpochCallbac
         "device_cuda": float(device.type == "cuda"),
         "accepted": float(accepted),
     }
-    if accepted:
-        model = merged_model(spark, model, block, dot)
     if r.head == "mlp":
-        # `dot` holds its best validation state, which is the trained one when not accepted: the published model.
+        # `dot` holds its best validation state (the trained one when not accepted), fitted without the validation ratings.
         head, head_outcome = fit_head(dot, data, cfg)
         metrics["mlp_rmse"] = head_outcome.rmse_after
         where = save_head(spark, head, head_outcome, cfg, dot_rmse=outcome.rmse_after)
         log.info("refine: mlp head validation rmse %.4f (dot product %.4f); weights in %s",
                  head_outcome.rmse_after, outcome.rmse_after, where)
+    if accepted:
+        # Start again from the trained factors so that the published block has seen every one of its ratings.
+        final = DotModel(model.mu, block, train_biases=cfg.train.biases).to(device)
+        refit_dot(final, data, cfg, epochs=outcome.best_epoch)
+        model = merged_model(spark, model, block, final)
     return RefineResult(model, metrics, outcome.epochs, str(device), accepted, plan.users, plan.items)
