@@ -4,13 +4,14 @@
 
 Per dataset the trainer (``conf/local.yaml`` settings, or as ``--set`` says) is
 fitted on every training rating, as the job does, twice: converged (its
-configured epochs) and under-trained (``--undertrained-epochs``). Each start is
-refined with a ``top_active`` and a ``random`` block on the CPU (and
-``top_active`` on CUDA when torch sees a GPU). Printed per variant: the block's
-validation RMSE before/after (the acceptance gate; the trainer fitted these
-ratings, the refinement did not), whether it was merged (after a refit with the
-validation ratings), the test split's RMSE on the block's (user, item) pairs and
-on the whole test set with refine off and on (the test split is held out from
+configured epochs) and under-trained (``--undertrained-epochs``); that model is
+the run with refine off. Each start is refined with a ``top_active`` and a
+``random`` block on the CPU (and ``top_active`` on CUDA when torch sees a GPU).
+Printed per variant: the block's validation RMSE from the start (the trainer's
+solve of the block without its validation ratings) to the refined block (the
+acceptance gate), whether it was merged (after a refit with the validation
+ratings), the test split's RMSE on the block's (user, item) pairs before/after,
+the whole test RMSE with refine off and on (the test split is held out from
 training and refinement), and refinement epochs/s. The gate diagnostic then
 refines the converged top_active block without early stopping and prints the
 validation RMSE next to the held-out test-in-block RMSE per epoch, and the same
@@ -86,10 +87,10 @@ def variant(cfg: Config, *, strategy: str, **refine_keys: object) -> Config:
     return dataclasses.replace(cfg, refine=dataclasses.replace(cfg.refine, sample=sample, **refine_keys))
 
 
-def bench_start(test: DataFrame, plan: R.BlockPlan, model: Model, cfg: Config, label: str) -> None:
-    """One row: refine ``plan``'s block of ``model`` with ``cfg``; the block's and the whole test RMSE before/after."""
+def bench_start(test: DataFrame, plan: R.BlockPlan, model: Model, cfg: Config, label: str, *, off_rmse: float) -> None:
+    """One row: refine ``plan``'s block of ``model`` with ``cfg``; the block's test RMSE before/after, the whole
+    test RMSE of the same run with refine off (``off_rmse``) and on."""
     lo_hi = cfg.input.rating_range
-    base_rmse = rating_metrics(test, model, rating_range=lo_hi)["rmse"]
     started = time.perf_counter()
     result = refine(plan, model, cfg)
     seconds = time.perf_counter() - started
@@ -102,7 +103,7 @@ def bench_start(test: DataFrame, plan: R.BlockPlan, model: Model, cfg: Config, l
     variant_name = f"{cfg.refine.sample.strategy} {cfg.refine.device}"
     print(f"{label:<14} {variant_name:<16} {int(m['users']):>5} x {int(m['items']):<5} {int(m['ratings']):>8,} "
           f"{m['rmse_before']:>7.4f}->{m['rmse_after']:.4f} {'yes' if m['accepted'] else 'no':>6} "
-          f"{tb_before:>7.4f}->{tb_after:.4f} {base_rmse:>7.4f}->{all_after:.4f} "
+          f"{tb_before:>7.4f}->{tb_after:.4f} {off_rmse:>7.4f}->{all_after:.4f} {'ok' if all_after <= off_rmse else 'WORSE':>5} "
           f"{len(result.epochs):>6} {len(result.epochs) / epoch_s:>8.1f} {seconds:>6.1f}")
     block_test.unpersist()
 
@@ -145,20 +146,22 @@ def bench_dataset(spark: SparkSession, name: str, cfg: Config, *, undertrained_e
     train, test = prepare(spark, cfg)
     print(f"\n== {name}: {train.count():,} train / {test.count():,} test ratings, {cfg.train.algorithm} rank {cfg.train.rank}")
     print(f"{'start':<14} {'variant':<16} {'block':>13} {'ratings':>8} {'validation RMSE':>16} {'merged':>6} "
-          f"{'test-in-block RMSE':>18} {'full test RMSE':>16} {'epochs':>6} {'epochs/s':>8} {'s':>6}")
+          f"{'test-in-block RMSE':>18} {'full test off->on':>17} {'':>5} {'epochs':>6} {'epochs/s':>8} {'s':>6}")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     converged = None
     for epochs in (cfg.train.epochs, undertrained_epochs):
         start_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=epochs))
         model = make_trainer(start_cfg).fit(train).model
-        if converged is None:
-            converged = model
+        off_rmse = rating_metrics(test, model, rating_range=cfg.input.rating_range)["rmse"]
         for strategy in ("top_active", "random"):
             plan = R.plan_block(train, variant(start_cfg, strategy=strategy))
+            if converged is None:
+                converged = plan, model
             for device in devices if strategy == "top_active" else ["cpu"]:
-                bench_start(test, plan, model, variant(start_cfg, strategy=strategy, device=device), f"{epochs} epochs")
-    plan = R.plan_block(train, variant(cfg, strategy="top_active"))
-    gate_diagnostic(test, plan, converged, variant(cfg, strategy="top_active", device="cpu"), epochs=diagnostic_epochs)
+                run_cfg = variant(start_cfg, strategy=strategy, device=device)
+                bench_start(test, plan, model, run_cfg, f"{epochs} epochs", off_rmse=off_rmse)
+    plan, model = converged
+    gate_diagnostic(test, plan, model, variant(cfg, strategy="top_active", device="cpu"), epochs=diagnostic_epochs)
 
 
 def main(argv: list[str] | None = None) -> int:

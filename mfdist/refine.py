@@ -1,32 +1,34 @@
 """Stage 5, refine: fine-tune a sampled block of the trained model with torch; merge it where it generalizes.
 
-After training, on the same training ratings the trainer fitted:
+After training (on every training rating: the stage takes none from the trainer):
 
 1. :func:`plan_block` samples ``refine.sample.users`` users and ``refine.sample.items``
-   items: ``top_active`` takes those with the most ratings (where most traffic is),
-   ``random`` a uniform draw seeded by ``run.seed``; and flags a seeded share
-   (``refine.validation_fraction``, by a hash of the pair) of the block's ratings
-   as validation.
-2. :func:`refine` counts the block's ratings in Spark and refuses a block over
+   items of the training ratings: ``top_active`` takes those with the most ratings
+   (where most traffic is), ``random`` a uniform draw seeded by ``run.seed``; and
+   flags a seeded share (``refine.validation_fraction``, by a hash of the pair) of
+   the block's ratings as validation.
+2. The start: the block's users, then its items, re-solved on all their training
+   ratings but the validation ones, with the trainer's own penalties and the other
+   side fixed (:func:`resolve`, the fold-in solve of :mod:`mfdist.foldin`): the
+   trainer's answer for those rows without the validation ratings, so the gate
+   below compares held-out errors.
+3. :func:`refine` counts the block's ratings in Spark and refuses a block over
    ``refine.sample.max_ratings`` before anything is collected; then brings only
    the block to the driver: its ratings and its users' and items' biases and
    factors (all bounded by config).
-3. Fit ``mu + b_u + b_i + p_u . q_i``, initialized from the trained factors, on
-   the block's other ratings with full-batch (or 65,536-rating mini-batch) Adam on
-   ``mean((r - r_hat)^2) + train.reg * mean(|p_u|^2 + |q_i|^2)
-   + train.bias_reg / n_fit * (sum b_u^2 + sum b_i^2)``: per rating, the sum
-   objective of Spark's ALS-WR (whose L2 on a factor grows with its rating
-   count) and of the bias fit in :mod:`mfdist.train.biases`, divided by the
-   number of fit ratings. ``mu`` stays fixed: it is shared with every user
-   outside the block. Early stopping on validation RMSE (``refine.patience``).
-4. Accept only when the best validation RMSE beats the trained factors'. The
-   gate leans towards keeping them: the trainer fitted the validation ratings
-   (so nothing is taken from the published model), the refinement did not.
-5. When accepted, refit the block from the trained factors on all its ratings,
-   validation included, for the chosen number of epochs; then exactly the
-   sampled users' and items' rows of ``model.users`` and ``model.items`` are
+4. Fit ``mu + b_u + b_i + p_u . q_i`` from the start with full-batch (or
+   65,536-rating mini-batch) Adam on ``mean((r - r_hat)^2) + train.reg *
+   mean(|p_u|^2 + |q_i|^2) + train.bias_reg / n_fit * (sum b_u^2 + sum b_i^2)``:
+   per rating, the sum objective of Spark's ALS-WR (whose L2 on a factor grows
+   with its rating count) and of the bias fit in :mod:`mfdist.train.biases`,
+   divided by the number of fit ratings. ``mu`` stays fixed: it is shared with
+   every user outside the block. Early stopping on validation RMSE
+   (``refine.patience``).
+5. Accepted when the best validation RMSE beats the start's: the same solve on
+   all the block's ratings, validation included, is refit for the chosen number
+   of epochs, and exactly the sampled users' and items' rows of the model are
    replaced by a broadcast join of the refit rows. Not accepted: the trained
-   model is published unchanged, as with the stage off.
+   model is published as it is, as with the stage off.
 
 ``refine.head: mlp`` also trains :class:`ResidualMLP` on the block, on top of
 the frozen validation-chosen dot-product model (before the refit), to predict its
@@ -45,6 +47,7 @@ This is the only module that imports torch, so executors never need it.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -65,6 +68,7 @@ from mfdist import lake
 from mfdist import schema as S
 from mfdist.config import Config
 from mfdist.errors import ConfigError
+from mfdist.foldin.job import fold_in, ridge_for
 from mfdist.model import Model
 from mfdist.train import EpochCallback, EpochRecord
 
@@ -102,7 +106,7 @@ class Block:
     rows: np.ndarray
     cols: np.ndarray
     ratings: np.ndarray
-    held_out: np.ndarray  # bool: the validation ratings (unseen by the refinement's fit)
+    held_out: np.ndarray  # bool: the validation ratings (unseen by the start and the fit)
 
 
 @dataclass(frozen=True)
@@ -162,11 +166,16 @@ def ids_frame(spark: SparkSession, ids: list[int], idx_col: str) -> DataFrame:
 
 @dataclass(frozen=True)
 class BlockPlan:
-    """The sampled block and the training ratings with its validation part flagged."""
+    """The sampled block and the training ratings with the block's validation part flagged."""
 
     users: DataFrame  # user_idx of the block (refine.sample.users rows at most)
     items: DataFrame  # item_idx of the block
-    ratings: DataFrame  # user_idx, item_idx, rating, _held_out
+    ratings: DataFrame  # user_idx, item_idx, rating, _held_out: every training rating
+
+    def fit_ratings(self, *, with_validation: bool) -> DataFrame:
+        """The training ratings, with or without the block's validation part."""
+        kept = self.ratings if with_validation else self.ratings.where(~F.col(HELD_OUT))
+        return kept.drop(HELD_OUT)
 
 
 def plan_block(train: DataFrame, cfg: Config) -> BlockPlan:
@@ -503,13 +512,42 @@ def merged_model(spark: SparkSession, model: Model, block: Block, dot: DotModel)
     )
 
 
+def _mean_counts(ratings: DataFrame) -> dict[str, float]:
+    """Ratings per user and per item (DSGD's penalties scale with a row's count relative to them)."""
+    row = ratings.agg(F.count(F.lit(1)).alias("n"), F.countDistinct(S.USER_IDX).alias("u"), F.countDistinct(S.ITEM_IDX).alias("i")).first()
+    return {S.USER_IDX: row["n"] / max(row["u"], 1), S.ITEM_IDX: row["n"] / max(row["i"], 1)}
+
+
+def resolve(ratings: DataFrame, plan: BlockPlan, model: Model, cfg: Config) -> Model:
+    """``model`` with the block's users, then its items, re-solved on their ``ratings`` with the trainer's own
+    penalties and the other side fixed (the fold-in solve); every other row as it was."""
+    means = _mean_counts(ratings) if cfg.train.algorithm == "dsgd" else {S.USER_IDX: 1.0, S.ITEM_IDX: 1.0}
+    for key, other, ids in ((S.USER_IDX, S.ITEM_IDX, plan.users), (S.ITEM_IDX, S.USER_IDX, plan.items)):
+        users_side = key == S.USER_IDX
+        solved = fold_in(
+            ratings.join(F.broadcast(ids), key), model.items if users_side else model.users,
+            key=key, other=other, mu=model.mu, rank=model.rank, ridge=ridge_for(cfg, mean_count=means[key]),
+        ).cache()  # broadcast-sized (refine.sample.* rows); the items' solve reads the users'
+        merged = merge_side(model.users if users_side else model.items, solved, idx_col=key)
+        model = dataclasses.replace(model, **{"users" if users_side else "items": merged})
+    return model
+
+
+def with_factors(block: Block, plan: BlockPlan, model: Model) -> Block:
+    """``block``'s ratings with ``model``'s biases and factors for its users and items (the same rows, so the same positions)."""
+    return dataclasses.replace(
+        block, users=_collect_side(model.users, plan.users, S.USER_IDX), items=_collect_side(model.items, plan.items, S.ITEM_IDX)
+    )
+
+
 def refine(plan: BlockPlan, model: Model, cfg: Config, *, callback: EpochCallback | None = None) -> RefineResult:
-    """Refine the block of ``plan`` in ``model`` and merge its refit when validation RMSE improves."""
+    """Refine the block of ``plan`` in the trained ``model``; merge its refit when validation RMSE improves on the start's."""
     r = cfg.refine
     spark = plan.ratings.sparkSession
     device = resolve_device(r.device)
     log.info("refine: device=%s%s", device, f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
-    block = gather_block(plan, model, max_ratings=r.sample.max_ratings)
+    start = resolve(plan.fit_ratings(with_validation=False), plan, model, cfg)
+    block = gather_block(plan, start, max_ratings=r.sample.max_ratings)
     data = block_tensors(block, device)
     log.info("refine: block of %d users x %d items, %d ratings (%d fit, %d validation), strategy=%s",
              len(block.users.idx), len(block.items.idx), len(block.ratings), len(data.fit), len(data.val), r.sample.strategy)
@@ -519,7 +557,7 @@ def refine(plan: BlockPlan, model: Model, cfg: Config, *, callback: EpochCallbac
     accepted = outcome.rmse_after < outcome.rmse_before
     log.info("refine: validation rmse %.4f -> %.4f (best epoch %d of %d): %s", outcome.rmse_before, outcome.rmse_after,
              outcome.best_epoch, len(outcome.epochs),
-             "merged after a refit with the validation ratings" if accepted else "not merged, the trained factors are kept")
+             "merged after a refit with the validation ratings" if accepted else "not merged, the trained model is kept")
     metrics = {
         "rmse_before": outcome.rmse_before,
         "rmse_after": outcome.rmse_after,
@@ -532,15 +570,16 @@ def refine(plan: BlockPlan, model: Model, cfg: Config, *, callback: EpochCallbac
         "accepted": float(accepted),
     }
     if r.head == "mlp":
-        # `dot` holds its best validation state (the trained one when not accepted), fitted without the validation ratings.
+        # `dot` holds its best validation state (the start when not accepted); neither has seen the validation ratings.
         head, head_outcome = fit_head(dot, data, cfg)
         metrics["mlp_rmse"] = head_outcome.rmse_after
         where = save_head(spark, head, head_outcome, cfg, dot_rmse=outcome.rmse_after)
         log.info("refine: mlp head validation rmse %.4f (dot product %.4f); weights in %s",
                  head_outcome.rmse_after, outcome.rmse_after, where)
     if accepted:
-        # Start again from the trained factors so that the published block has seen every one of its ratings.
-        final = DotModel(model.mu, block, train_biases=cfg.train.biases).to(device)
+        # The same start and epochs on every rating of the block, so the published block has seen its validation ratings.
+        everything = with_factors(block, plan, resolve(plan.fit_ratings(with_validation=True), plan, model, cfg))
+        final = DotModel(model.mu, everything, train_biases=cfg.train.biases).to(device)
         refit_dot(final, data, cfg, epochs=outcome.best_epoch)
-        model = merged_model(spark, model, block, final)
+        model = merged_model(spark, model, everything, final)
     return RefineResult(model, metrics, outcome.epochs, str(device), accepted, plan.users, plan.items)
