@@ -82,6 +82,7 @@ MLP_WEIGHT_DECAY = 1e-4
 MLP_WEIGHTS = "refine_mlp.pt"
 MLP_CONFIG = "refine_mlp.json"
 HELD_OUT = "_held_out"
+RESOLVE_ROUNDS = 1
 
 
 class RefineError(ConfigError):
@@ -518,11 +519,12 @@ def _mean_counts(ratings: DataFrame) -> dict[str, float]:
     return {S.USER_IDX: row["n"] / max(row["u"], 1), S.ITEM_IDX: row["n"] / max(row["i"], 1)}
 
 
-def resolve(ratings: DataFrame, plan: BlockPlan, model: Model, cfg: Config) -> Model:
+def resolve(ratings: DataFrame, plan: BlockPlan, model: Model, cfg: Config, *, rounds: int = RESOLVE_ROUNDS) -> Model:
     """``model`` with the block's users, then its items, re-solved on their ``ratings`` with the trainer's own
-    penalties and the other side fixed (the fold-in solve); every other row as it was."""
+    penalties and the other side fixed (the fold-in solve), ``rounds`` times; every other row as it was."""
     means = _mean_counts(ratings) if cfg.train.algorithm == "dsgd" else {S.USER_IDX: 1.0, S.ITEM_IDX: 1.0}
-    for key, other, ids in ((S.USER_IDX, S.ITEM_IDX, plan.users), (S.ITEM_IDX, S.USER_IDX, plan.items)):
+    sides = ((S.USER_IDX, S.ITEM_IDX, plan.users), (S.ITEM_IDX, S.USER_IDX, plan.items))
+    for key, other, ids in sides * rounds:
         users_side = key == S.USER_IDX
         solved = fold_in(
             ratings.join(F.broadcast(ids), key), model.items if users_side else model.users,
