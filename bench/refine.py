@@ -111,7 +111,9 @@ def bench_start(test: DataFrame, plan: R.BlockPlan, model: Model, cfg: Config, l
 def gate_diagnostic(test: DataFrame, plan: R.BlockPlan, model: Model, cfg: Config, *, epochs: int) -> None:
     """Validation RMSE (the acceptance gate) next to the held-out test RMSE of the block, epoch by epoch, no early stop."""
     r = cfg.refine
-    block = R.gather_block(plan, model, max_ratings=r.sample.max_ratings)
+    # From the gate's start, the trainer's solve of the block without its validation ratings, as the stage does.
+    start = R.resolve(plan.fit_ratings(with_validation=False), plan, model, cfg)
+    block = R.gather_block(R.block_ratings(plan, max_ratings=r.sample.max_ratings), plan, start)
     data = R.block_tensors(block, torch.device("cpu"))
     pairs = in_block(test, plan.users, plan.items).toPandas()
     test_rows = torch.from_numpy(np.searchsorted(block.users.idx, pairs[S.USER_IDX].to_numpy()))

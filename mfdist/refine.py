@@ -82,7 +82,6 @@ MLP_WEIGHT_DECAY = 1e-4
 MLP_WEIGHTS = "refine_mlp.pt"
 MLP_CONFIG = "refine_mlp.json"
 HELD_OUT = "_held_out"
-RESOLVE_ROUNDS = 1
 
 
 class RefineError(ConfigError):
@@ -211,8 +210,8 @@ def _collect_side(model_side: DataFrame, ids: DataFrame, idx_col: str) -> Side:
     )
 
 
-def gather_block(plan: BlockPlan, model: Model, *, max_ratings: int) -> Block:
-    """Count the block's ratings (refusing more than ``max_ratings``), then collect the block to the driver."""
+def block_ratings(plan: BlockPlan, *, max_ratings: int) -> DataFrame:
+    """The block's training ratings, counted in Spark first: a block over ``max_ratings`` is refused before any work."""
     ratings = plan.ratings.join(F.broadcast(plan.users), S.USER_IDX).join(F.broadcast(plan.items), S.ITEM_IDX)
     n = ratings.count()
     if n > max_ratings:
@@ -221,16 +220,24 @@ def gather_block(plan: BlockPlan, model: Model, *, max_ratings: int) -> Block:
             f"refine.sample.max_ratings={max_ratings:,}; lower refine.sample.users or refine.sample.items, "
             "or raise refine.sample.max_ratings if the block fits the device memory"
         )
-    user_side, item_side = _collect_side(model.users, plan.users, S.USER_IDX), _collect_side(model.items, plan.items, S.ITEM_IDX)
+    return ratings
+
+
+def _sides(plan: BlockPlan, model: Model) -> tuple[Side, Side]:
+    """``model``'s rows for the block's users and items."""
+    return _collect_side(model.users, plan.users, S.USER_IDX), _collect_side(model.items, plan.items, S.ITEM_IDX)
+
+
+def gather_block(ratings: DataFrame, plan: BlockPlan, model: Model) -> Block:
+    """The block on the driver: its ``ratings`` (from :func:`block_ratings`) and ``model``'s rows for them."""
+    user_side, item_side = _sides(plan, model)
     pdf = ratings.select(S.USER_IDX, S.ITEM_IDX, S.RATING, HELD_OUT).toPandas()
-    # A user or item whose only ratings were held out has no factors: its ratings cannot be refined.
-    pdf = pdf[np.isin(pdf[S.USER_IDX], user_side.idx) & np.isin(pdf[S.ITEM_IDX], item_side.idx)]
     # Partition order is not deterministic; sorting makes the fit order reproducible.
     pdf = pdf.sort_values([S.USER_IDX, S.ITEM_IDX], kind="stable")
     held_out = pdf[HELD_OUT].to_numpy(bool)
     if held_out.all() or not held_out.any():
         raise RefineError(
-            f"refine.sample: the sampled block holds {len(pdf)} ratings with factors, {int(held_out.sum())} of them "
+            f"refine.sample: the sampled block holds {len(pdf)} ratings, {int(held_out.sum())} of them "
             "for validation: too few to fit and validate; raise refine.sample.users, refine.sample.items or "
             "refine.validation_fraction, or use refine.sample.strategy=top_active"
         )
@@ -519,12 +526,11 @@ def _mean_counts(ratings: DataFrame) -> dict[str, float]:
     return {S.USER_IDX: row["n"] / max(row["u"], 1), S.ITEM_IDX: row["n"] / max(row["i"], 1)}
 
 
-def resolve(ratings: DataFrame, plan: BlockPlan, model: Model, cfg: Config, *, rounds: int = RESOLVE_ROUNDS) -> Model:
+def resolve(ratings: DataFrame, plan: BlockPlan, model: Model, cfg: Config) -> Model:
     """``model`` with the block's users, then its items, re-solved on their ``ratings`` with the trainer's own
-    penalties and the other side fixed (the fold-in solve), ``rounds`` times; every other row as it was."""
+    penalties and the other side fixed (the fold-in solve); every other row as it was."""
     means = _mean_counts(ratings) if cfg.train.algorithm == "dsgd" else {S.USER_IDX: 1.0, S.ITEM_IDX: 1.0}
-    sides = ((S.USER_IDX, S.ITEM_IDX, plan.users), (S.ITEM_IDX, S.USER_IDX, plan.items))
-    for key, other, ids in sides * rounds:
+    for key, other, ids in ((S.USER_IDX, S.ITEM_IDX, plan.users), (S.ITEM_IDX, S.USER_IDX, plan.items)):
         users_side = key == S.USER_IDX
         solved = fold_in(
             ratings.join(F.broadcast(ids), key), model.items if users_side else model.users,
@@ -537,9 +543,8 @@ def resolve(ratings: DataFrame, plan: BlockPlan, model: Model, cfg: Config, *, r
 
 def with_factors(block: Block, plan: BlockPlan, model: Model) -> Block:
     """``block``'s ratings with ``model``'s biases and factors for its users and items (the same rows, so the same positions)."""
-    return dataclasses.replace(
-        block, users=_collect_side(model.users, plan.users, S.USER_IDX), items=_collect_side(model.items, plan.items, S.ITEM_IDX)
-    )
+    users, items = _sides(plan, model)
+    return dataclasses.replace(block, users=users, items=items)
 
 
 def refine(plan: BlockPlan, model: Model, cfg: Config, *, callback: EpochCallback | None = None) -> RefineResult:
@@ -548,8 +553,9 @@ def refine(plan: BlockPlan, model: Model, cfg: Config, *, callback: EpochCallbac
     spark = plan.ratings.sparkSession
     device = resolve_device(r.device)
     log.info("refine: device=%s%s", device, f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+    ratings = block_ratings(plan, max_ratings=r.sample.max_ratings)
     start = resolve(plan.fit_ratings(with_validation=False), plan, model, cfg)
-    block = gather_block(plan, start, max_ratings=r.sample.max_ratings)
+    block = gather_block(ratings, plan, start)
     data = block_tensors(block, device)
     log.info("refine: block of %d users x %d items, %d ratings (%d fit, %d validation), strategy=%s",
              len(block.users.idx), len(block.items.idx), len(block.ratings), len(data.fit), len(data.val), r.sample.strategy)
