@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from pyspark.sql import Column, DataFrame, SparkSession, Window
+from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
@@ -143,13 +143,17 @@ def _parse_ts(c: Column, dtype: T.DataType) -> Column:
 
 
 def validate(df: DataFrame, *, rating_range: list[float]) -> DataFrame:
-    """Add typed columns and a ``reason`` (null for a good row) to mapped raw ratings."""
+    """Add typed columns and a ``reason`` (null for a good row) to mapped raw ratings.
+
+    The raw columns are kept in their source types (``raw_*``): only the rows that end up in
+    ``rejected_ratings`` are ever formatted as strings.
+    """
     types = dict(df.dtypes)
     schema = {f.name: f.dataType for f in df.schema.fields}
     lo, hi = rating_range
     rating = F.col(S.RATING).try_cast(T.DoubleType()) if types[S.RATING] != "double" else F.col(S.RATING)
     typed = df.select(
-        *[F.col(c).cast(T.StringType()).alias(f"raw_{c}") for c in S.RAW_COLUMNS],
+        *[F.col(c).alias(f"raw_{c}") for c in S.RAW_COLUMNS],
         _clean_id(F.col(S.USER_ID), schema[S.USER_ID]).alias(S.USER_ID),
         _clean_id(F.col(S.ITEM_ID), schema[S.ITEM_ID]).alias(S.ITEM_ID),
         rating.alias(S.RATING),
@@ -166,11 +170,14 @@ def validate(df: DataFrame, *, rating_range: list[float]) -> DataFrame:
     return typed.withColumn(S.REASON, reason)
 
 
+def _raw_strings(rows: DataFrame, reason: Column) -> DataFrame:
+    """``rows``' raw columns as strings, with ``reason``: rows of ``rejected_ratings``."""
+    return rows.select(*[F.col(f"raw_{c}").cast(T.StringType()).alias(c) for c in S.RAW_COLUMNS], reason.alias(S.REASON))
+
+
 def rejected_rows(validated: DataFrame) -> DataFrame:
     """The raw columns as strings plus the reason, for rows that failed validation."""
-    return validated.where(F.col(S.REASON).isNotNull()).select(
-        *[F.col(f"raw_{c}").alias(c) for c in S.RAW_COLUMNS], S.REASON
-    )
+    return _raw_strings(validated.where(F.col(S.REASON).isNotNull()), F.col(S.REASON))
 
 
 def count_by_reason(rejected: DataFrame) -> dict[str, int]:
@@ -179,46 +186,68 @@ def count_by_reason(rejected: DataFrame) -> dict[str, int]:
 
 
 def resolve_duplicates(accepted: DataFrame, *, policy: str) -> tuple[DataFrame, DataFrame | None]:
-    """Apply ``input.duplicates``; return the unique ratings and the superseded rows (``last`` only)."""
+    """Apply ``input.duplicates`` to rows with repeated pairs; return one row per (user, item) and, for
+    ``last``, the rows it supersedes.
+
+    ``last`` keeps a pair's newest row (the later input row on equal timestamps) by an
+    aggregation, not a sort; the superseded rows are found by joining back only the pairs
+    that occur more than once.
+    """
     key = [S.USER_ID, S.ITEM_ID]
     if policy == "mean":
         merged = accepted.groupBy(*key).agg(F.avg(S.RATING).alias(S.RATING), F.max(S.TS).alias(S.TS))
         return merged, None
     if policy == "error":
-        dup = accepted.groupBy(*key).count().where("count > 1").limit(1).collect()
-        if dup:
-            u, i, n = dup[0]
-            raise InputError(
-                f"input.duplicates=error: ({S.USER_ID}={u}, {S.ITEM_ID}={i}) occurs {n} times; "
-                "set input.duplicates to last or mean"
-            )
-        return accepted.select(*key, S.RATING, S.TS), None
-    newest_first = Window.partitionBy(*key).orderBy(F.col(S.TS).desc_nulls_last(), F.col(_ORDER).desc())
-    ranked = accepted.withColumn("_rn", F.row_number().over(newest_first))
-    superseded = ranked.where("_rn > 1").select(
-        *[F.col(f"raw_{c}").alias(c) for c in S.RAW_COLUMNS], F.lit(REASON_DUPLICATE).alias(S.REASON)
-    )
-    return ranked.where("_rn = 1").select(*key, S.RATING, S.TS), superseded
+        u, i, n = accepted.groupBy(*key).count().where("count > 1").first()
+        raise InputError(
+            f"input.duplicates=error: ({S.USER_ID}={u}, {S.ITEM_ID}={i}) occurs {n} times; set input.duplicates to last or mean"
+        )
+    # A null timestamp orders first in a struct, so the newest timestamped row wins, then the later row.
+    newest = F.max_by(F.struct(S.RATING, S.TS, _ORDER), F.struct(S.TS, _ORDER)).alias("_w")
+    grouped = accepted.groupBy(*key).agg(F.count(F.lit(1)).alias("_n"), newest)
+    kept = grouped.select(*key, F.col(f"_w.{S.RATING}").alias(S.RATING), F.col(f"_w.{S.TS}").alias(S.TS))
+    winners = grouped.where("_n > 1").select(*key, F.col(f"_w.{_ORDER}").alias("_keep"))
+    superseded = accepted.join(winners, key).where(F.col(_ORDER) != F.col("_keep"))
+    return kept, _raw_strings(superseded, F.lit(REASON_DUPLICATE))
+
+
+# Formats whose rows are cheaper to read again than to cache (a columnar scan of four columns): their
+# ratings are re-read by each later use; text and generated sources are parsed or drawn once and cached.
+_RESCANNED = {"parquet", "delta", "table"}
 
 
 def ingest(spark: SparkSession, cfg: InputConfig, *, path: str | None = None) -> IngestResult:
-    """Read, validate and de-duplicate ``path`` (default ``cfg.path``); counts are Spark actions."""
+    """Read, validate and de-duplicate ``path`` (default ``cfg.path``); counts are Spark actions.
+
+    Repeated pairs are looked for by counting the distinct pairs (a hash aggregation of the
+    keys alone); only a set that has some pays for resolving them. The rejected rows are
+    cached when there are any, the ratings when they are not a plain columnar scan.
+    """
     source = path if path is not None else cfg.path
     raw, columns = read_source(spark, cfg, source)
     validated = validate(map_columns(raw, columns, source or "synthetic ratings"), rating_range=cfg.rating_range)
-    validated = validated.cache()
     counts = validated.agg(F.count(F.lit(1)).alias("n"), F.count(S.REASON).alias("bad")).first()
     input_rows, invalid = int(counts["n"]), int(counts["bad"])
-    accepted = validated.where(F.col(S.REASON).isNull())
-    ratings, superseded = resolve_duplicates(accepted, policy=cfg.duplicates)
-    rejected = rejected_rows(validated)
-    n_superseded = 0
-    if superseded is not None:
-        superseded = superseded.cache()
-        n_superseded = superseded.count()
-        rejected = rejected.unionByName(superseded)
-    accepted_rows = input_rows - invalid - n_superseded
-    if accepted_rows == 0:
+    if input_rows == invalid:
         raise InputError(f"input.path {source or 'synthetic'}: no valid ratings ({input_rows} rows read, all rejected)")
+    accepted = validated.where(F.col(S.REASON).isNull())
+    ratings = accepted.select(S.USER_ID, S.ITEM_ID, S.RATING, S.TS)
+    if cfg.format not in _RESCANNED:
+        ratings = ratings.cache()
+    unique = ratings.groupBy(S.USER_ID, S.ITEM_ID).count().count()
+    rejected, n_superseded = rejected_rows(validated), 0
+    if unique < input_rows - invalid:
+        ratings.unpersist()
+        ratings, superseded = resolve_duplicates(accepted, policy=cfg.duplicates)
+        ratings = ratings.cache()
+        ratings.count()
+        if superseded is not None:
+            rejected, n_superseded = rejected.unionByName(superseded), input_rows - invalid - unique
+    if invalid + n_superseded:
+        rejected = rejected.cache()
+        rejected.count()
+    else:
+        rejected = spark.createDataFrame([], S.REJECTED_SCHEMA)
+    accepted_rows = input_rows - invalid - n_superseded
     log.info("ingest: %d rows read, %d accepted, %d rejected", input_rows, accepted_rows, invalid + n_superseded)
     return IngestResult(ratings, rejected, input_rows, accepted_rows, invalid + n_superseded)

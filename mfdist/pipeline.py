@@ -28,7 +28,7 @@ from mfdist.recommend import recommend
 from mfdist.reindex import apply_index, build_index, check_capacity
 from mfdist.report import build_report
 from mfdist.session import release_cached
-from mfdist.split import split
+from mfdist.split import TEST, label, parts
 from mfdist.model import Model
 from mfdist.tracking import open_run
 from mfdist.train import EpochRecord, make_trainer
@@ -135,11 +135,18 @@ def run(spark: SparkSession, cfg: Config) -> RunResult:
             cols = [S.USER_IDX, S.ITEM_IDX, S.RATING, S.TS]
             indexed = apply_index(train_in.ratings, user_index, item_index).select(*cols)
             if test_in is None:
-                train, test = split(indexed, method=cfg.split.method, test_fraction=cfg.split.test_fraction, seed=cfg.run.seed)
+                # One cached frame for both parts: the joins above run once.
+                labeled = label(indexed, method=cfg.split.method, test_fraction=cfg.split.test_fraction, seed=cfg.run.seed).cache()
+                sizes = dict(labeled.groupBy(TEST).count().collect())
+                n_train, n_test = sizes.get(False, 0), sizes.get(True, 0)
+                train, test = parts(labeled)
             else:
-                train, test = indexed, apply_index(test_in.ratings, user_index, item_index).select(*cols)
-            train, test = train.cache(), test.cache()
-            n_train, n_test = train.count(), test.count()
+                train, test = indexed.cache(), apply_index(test_in.ratings, user_index, item_index).select(*cols).cache()
+                n_train, n_test = train.count(), test.count()
+            # Every later stage reads the split; the ingested frames' caches have done their part.
+            train_in.ratings.unpersist()
+            if test_in is not None:
+                test_in.ratings.unpersist()
             info.update(train=n_train, test=n_test)
         metrics.add("split", "train_rows", n_train)
         metrics.add("split", "test_rows", n_test)

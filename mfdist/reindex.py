@@ -4,8 +4,8 @@
 An id already in the previous run's index keeps its index; new ids get the next
 indices. New ids are numbered in the order of a 64-bit hash of the id, so heavy
 users and items land on random indices and ``idx mod d`` blocks stay balanced.
-Numbering uses ``zipWithIndex`` on the sorted ids (one job counting partition
-sizes), so no id ever goes through the driver.
+Numbering counts the sorted ids per partition (a number per partition reaches the
+driver) and offsets each partition's rows, so no id ever goes through the driver.
 """
 
 from __future__ import annotations
@@ -30,11 +30,23 @@ def _check_types(ids: DataFrame, existing: DataFrame, id_col: str, table: str) -
 
 
 def number_new_ids(new_ids: DataFrame, *, id_col: str, idx_col: str, offset: int) -> DataFrame:
-    """Give ``new_ids`` (distinct) indices offset, offset+1, ... in hashed order."""
-    ordered = new_ids.orderBy(F.xxhash64(id_col), id_col)
-    schema = T.StructType([new_ids.schema[id_col], T.StructField(idx_col, T.IntegerType(), False)])
-    numbered = ordered.rdd.zipWithIndex().map(lambda row_i: (row_i[0][0], offset + row_i[1]))
-    return ordered.sparkSession.createDataFrame(numbered, schema)
+    """Give ``new_ids`` (distinct) indices offset, offset+1, ... in hashed order.
+
+    The sorted ids are cached, so the partition sizes counted (one small collect, a number
+    per partition) are those of the rows numbered: index = the partition's start plus the
+    row's position in it, which ``monotonically_increasing_id`` carries in its low 33 bits.
+    """
+    ordered = new_ids.orderBy(F.xxhash64(id_col), id_col).select(
+        id_col, F.spark_partition_id().alias("_p"), F.monotonically_increasing_id().alias("_m")
+    ).cache()
+    sizes = dict(ordered.groupBy("_p").count().collect())
+    starts, total = [], offset
+    for part in range(max(sizes, default=-1) + 1):
+        starts.append(total)
+        total += sizes.get(part, 0)
+    position = F.col("_m") - F.shiftleft(F.col("_p").cast("long"), 33)
+    start = F.element_at(F.lit(starts or [offset]).cast("array<long>"), F.col("_p") + 1)
+    return ordered.select(id_col, (start + position).cast(T.IntegerType()).alias(idx_col))
 
 
 def build_index(ids: DataFrame, existing: DataFrame | None, *, id_col: str, idx_col: str, table: str) -> DataFrame:

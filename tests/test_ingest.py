@@ -60,6 +60,16 @@ def test_duplicates_last_keeps_newest_and_rejects_the_rest(spark, tmp_path):
     assert {r.reason for r in res.rejected.collect()} == {I.REASON_DUPLICATE}
 
 
+def test_duplicates_last_breaks_ties_by_input_order_and_prefers_a_timestamp(spark, tmp_path):
+    path = _csv(tmp_path, ["a,x,1,100", "a,x,2,100", "b,x,4,100", "b,x,5,", "c,y,3,", "c,y,1,", "d,y,x,100", "d,y,2,50"])
+    res = I.ingest(spark, _cfg(path))
+    assert (res.input_rows, res.accepted_rows, res.rejected_rows) == (8, 4, 4)
+    assert {(r.user_id, r.rating) for r in res.ratings.collect()} == {("a", 2.0), ("b", 4.0), ("c", 1.0), ("d", 2.0)}
+    superseded = {(r.user_id, r.rating, r.ts) for r in res.rejected.where(f"reason = '{I.REASON_DUPLICATE}'").collect()}
+    assert superseded == {("a", "1", "100"), ("b", "5", None), ("c", "3", None)}
+    assert res.rejected.where(f"reason = '{I.REASON_NAN}'").count() == 1
+
+
 def test_duplicates_mean_and_error(spark, tmp_path):
     path = _csv(tmp_path, ["a,x,1,100", "a,x,4,300", "b,x,2,100"])
     mean = I.ingest(spark, _cfg(path, duplicates="mean"))
