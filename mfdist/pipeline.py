@@ -132,16 +132,18 @@ def run(spark: SparkSession, cfg: Config) -> RunResult:
         metrics.add("reindex", "items", n_items)
 
         with metrics.timed("split") as info:
-            cols = [S.USER_IDX, S.ITEM_IDX, S.RATING, S.TS]
-            indexed = apply_index(train_in.ratings, user_index, item_index).select(*cols)
+            # What every later stage reads: the timestamp only decides a temporal split.
+            cols = [S.USER_IDX, S.ITEM_IDX, S.RATING]
+            indexed = apply_index(train_in.ratings, user_index, item_index).select(*cols, S.TS)
             if test_in is None:
                 # One cached frame for both parts: the joins above run once.
-                labeled = label(indexed, method=cfg.split.method, test_fraction=cfg.split.test_fraction, seed=cfg.run.seed).cache()
+                labeled = label(indexed, method=cfg.split.method, test_fraction=cfg.split.test_fraction, seed=cfg.run.seed)
+                labeled = labeled.select(*cols, TEST).cache()
                 sizes = dict(labeled.groupBy(TEST).count().collect())
                 n_train, n_test = sizes.get(False, 0), sizes.get(True, 0)
                 train, test = parts(labeled)
             else:
-                train, test = indexed.cache(), apply_index(test_in.ratings, user_index, item_index).select(*cols).cache()
+                train, test = indexed.select(*cols).cache(), apply_index(test_in.ratings, user_index, item_index).select(*cols).cache()
                 n_train, n_test = train.count(), test.count()
             # Every later stage reads the split; the ingested frames' caches have done their part.
             train_in.ratings.unpersist()
