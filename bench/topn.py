@@ -17,6 +17,17 @@ the full run, ending in a parquet write of the lists. Then both list tables are
 joined in Spark and compared rank by rank: a position where the items differ is
 a tie when the two scores there agree to 1e-5 (relative), else a mismatch.
 The similar-items run (cosine over the same item factors) is timed the same way.
+
+    python bench/topn.py --job [--users 200000 --items 20000 --ratings 4000000]
+
+The same comparison in the job, as a user pays it: ``jobs/train.py`` on
+conf/local.yaml (synthetic planted ratings over those users and items, DSGD
+rank 32, 3 epochs, top-10, 10 similar items, ranking metrics on) reports its
+recommend stage's seconds (both lists, the ranking metrics and the writes);
+then ``jobs/recommend.py`` rescores that run from its id alone, and a Spark
+application loads the run's published factors into an ALSModel and writes
+``recommendForAllUsers(10)``. Printed: the recommend stage against the ALS
+call (with its write), and the two processes' wall times (start included).
 """
 
 from __future__ import annotations
@@ -24,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -41,7 +53,8 @@ from harness import rss_kb, run_child, tree  # noqa: E402
 from mfdist.recommend import similar_item_lists, user_lists  # noqa: E402
 from mfdist.model import Model  # noqa: E402
 
-PHASES = ("data", "mfdist", "similar", "als", "compare")
+PHASES = ("data", "mfdist", "similar", "als", "compare", "als-run")
+REPO = Path(__file__).resolve().parents[1]
 WARMUP_FRACTION = 0.01
 
 
@@ -56,6 +69,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--partitions", type=int, default=0, help="partitions of each factor frame (default: 2 x cores)")
     p.add_argument("--broadcast-max-mb", type=int, default=256)
     p.add_argument("--work", default=None, help="scratch folder (default: a new temporary folder)")
+    p.add_argument("--job", action="store_true", help="compare in the job: the recommend stage and jobs/recommend.py")
+    p.add_argument("--ratings", type=int, default=4_000_000, help="with --job: planted ratings drawn")
     p.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -152,9 +167,22 @@ def compare(spark: SparkSession, work: str) -> dict[str, int]:
     return {k: int(v or 0) for k, v in row.asDict().items()}
 
 
+def published_als_lists(spark: SparkSession, root: str, run_id: str, k: int) -> DataFrame:
+    """recommendForAllUsers(k) of an ALSModel on run ``run_id``'s published factors (by index)."""
+    def side(table: str, idx: str) -> DataFrame:
+        return spark.read.parquet(f"{root}/{table}/run_id={run_id}").select(F.col(idx).alias("id"), F.col(S.FACTORS).alias("features"))
+
+    users, items = side(S.USER_FACTORS, S.USER_IDX), side(S.ITEM_FACTORS, S.ITEM_IDX)
+    return als_lists(spark, users, items, len(items.first()["features"]), k)
+
+
 def run_phase(args: argparse.Namespace) -> dict:
     spark = session(args)
     try:
+        if args.phase == "als-run":
+            started = time.perf_counter()
+            published_als_lists(spark, f"{args.work}/lake", "bench", args.k).write.parquet(f"{args.work}/als-run")
+            return {"seconds": time.perf_counter() - started}
         if args.phase == "data":
             random_factors(spark, args.users, args.rank, 1).write.parquet(f"{args.work}/users")
             random_factors(spark, args.items, args.rank, 2).write.parquet(f"{args.work}/items")
@@ -171,12 +199,47 @@ def run_phase(args: argparse.Namespace) -> dict:
         spark.stop()
 
 
+def timed_process(argv: list[str]) -> float:
+    """Wall seconds of ``argv`` run from the repository root (its output kept only when it fails)."""
+    started = time.perf_counter()
+    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"{argv[1]} failed with exit code {done.returncode}:\n{done.stderr[-3000:]}")
+    return time.perf_counter() - started
+
+
+def in_job(args: argparse.Namespace) -> int:
+    """The recommend stage of a training run and jobs/recommend.py against recommendForAllUsers on its factors."""
+    root = f"{args.work}/lake"
+    common = [f"output.root={root}", "run.run_id=bench", f"spark.master={args.master}",
+              f"spark.conf.spark.driver.memory={args.driver_memory}", f"output.top_n={args.k}", f"output.similar_items={args.k}"]
+    timed_process([sys.executable, "jobs/train.py", "--conf", "conf/local.yaml", "--set", *common,
+                   f"input.synthetic.users={args.users}", f"input.synthetic.items={args.items}",
+                   f"input.synthetic.ratings={args.ratings}", "input.synthetic.rank=16", "train.algorithm=dsgd",
+                   f"train.rank={args.rank}", "train.epochs=3", f"evaluate.k={args.k}", f"run.checkpoint_dir={args.work}/ck"])
+    report = json.loads(Path(root, "_runs", "bench", "report", "metrics.json").read_text())
+    stage = report["metrics"]["recommend"]["seconds"]
+    rescore = timed_process([sys.executable, "jobs/recommend.py", "--conf", "conf/local.yaml", "--set", *common])
+    started = time.perf_counter()
+    out, _ = spawn_phase(args, "als-run")
+    als_process = time.perf_counter() - started
+    print(f"recommend stage in the job (top-{args.k}, similar items, ranking metrics, writes) {stage:6.1f} s; "
+          f"recommendForAllUsers({args.k}) + write {out['seconds']:6.1f} s: {out['seconds'] / stage:.1f}x")
+    print(f"jobs/recommend.py from the run id, whole process {rescore:6.1f} s; ALSModel on the published factors + "
+          f"recommendForAllUsers({args.k}), whole process {als_process:6.1f} s: {als_process / rescore:.1f}x")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.phase:
         print(json.dumps(run_phase(args)))
         return 0
     args.work = args.work or tempfile.mkdtemp(prefix="bench-topn-")
+    if args.job:
+        print(f"in the job: {args.ratings} planted ratings over {args.users} users x {args.items} items, rank {args.rank}; "
+              f"{args.master} on {os.cpu_count()} cores, driver memory {args.driver_memory}; scratch {args.work}", flush=True)
+        return in_job(args)
     print(f"{args.users} users x {args.items} items, rank {args.rank}, top-{args.k}; {args.master} on "
           f"{os.cpu_count()} cores, driver memory {args.driver_memory}; scratch {args.work}", flush=True)
     spawn_phase(args, "data")

@@ -1,8 +1,9 @@
 """Recompute a published run's recommendations and similar items from its factors, without retraining.
 
 python jobs/recommend.py --conf conf/local.yaml --set output.root=<root> run.run_id=<id> [output.top_n=20 ...]
-The run's recorded config (in ``runs``) gives its input, split and seed, hence the seen items; only
-this config's output.* applies. The run's two tables are replaced; its other tables and run record are kept.
+The seen items are the training pairs the run kept (``_runs/<id>/train_pairs``), so nothing is
+re-read or re-split; this config's output.* applies. The run's two tables are replaced; its other
+tables and run record are kept.
 """
 
 from __future__ import annotations

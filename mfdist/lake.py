@@ -6,6 +6,7 @@ Layout::
     <root>/runs/run_id=<id>/                     the run record: running, then succeeded (the commit)
     <root>/_runs/<id>/report/                    the run report (metrics.json, loss curve, report.md)
     <root>/_runs/<id>/artifacts/                 files a stage keeps (the refine MLP head)
+    <root>/_runs/<id>/train_pairs/               the training split's (user_idx, item_idx): the seen items
     <root>/_staging/<id>/<table>/                a replacement of a published partition before the swap
 
 With ``output.format: delta`` the tables are Delta tables partitioned by run_id
@@ -36,7 +37,7 @@ def partition_path(root: str, table: str, run_id: str) -> str:
 
 
 def run_files_path(root: str, run_id: str, kind: str | None = None) -> str:
-    """Where a run's non-table files go: ``kind`` is ``report`` or ``artifacts`` (None: the run's folder)."""
+    """Where a run's non-table files go: ``kind`` is ``report``, ``artifacts`` or ``train_pairs`` (None: the run's folder)."""
     base = f"{root.rstrip('/')}/_runs/{run_id}"
     return f"{base}/{kind}" if kind else base
 
@@ -53,6 +54,11 @@ def checkpoint_path(checkpoint_dir: str, run_id: str) -> str:
 
 def artifacts_path(root: str, run_id: str) -> str:
     return run_files_path(root, run_id, "artifacts")
+
+
+def train_pairs_path(root: str, run_id: str) -> str:
+    """The run's training (user_idx, item_idx) pairs as Parquet: jobs/recommend.py's seen items."""
+    return run_files_path(root, run_id, "train_pairs")
 
 
 class FileSystem:

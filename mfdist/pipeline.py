@@ -220,6 +220,7 @@ def run(spark: SparkSession, cfg: Config) -> RunResult:
                 info.update({name: round(value, 4) for name, value in ranking.items()})
 
         with metrics.timed("publish") as info:
+            publisher.write_train_pairs(train)
             publisher.write_all({
                 S.USER_INDEX: user_index,
                 S.ITEM_INDEX: item_index,

@@ -131,6 +131,10 @@ class Publisher:
                 done.result()
         self.written.extend(tables)
 
+    def write_train_pairs(self, train: DataFrame) -> None:
+        """The training split's (user_idx, item_idx) pairs, so jobs/recommend.py knows the seen items without the input."""
+        train.select(S.USER_IDX, S.ITEM_IDX).write.mode("overwrite").parquet(lake.train_pairs_path(self.root, self.run_id))
+
     def write_report(self, files: dict[str, bytes]) -> None:
         """The run report's files, in ``<root>/_runs/<run_id>/report/``."""
         for name, data in files.items():
@@ -151,11 +155,15 @@ class Publisher:
         self._write_run_record(failed)
         return failed
 
-    def replace(self, tables: dict[str, DataFrame]) -> None:
-        """Swap ``tables`` in as this (already published) run's partitions; its run record is kept."""
+    def replace(self, tables: dict[str, DataFrame], *, registered_in: str | None) -> None:
+        """Swap ``tables`` in as this (already published) run's partitions; its run record is kept.
+
+        ``registered_in``: the database the run registered them in. The swap keeps each partition's
+        location, so that catalog needs no change (and a local Derby metastore is never started).
+        """
         for table, df in tables.items():
             self._swap_in(table, df)
-        if self.cfg.output.database:
+        if self.cfg.output.database and self.cfg.output.database != registered_in:
             catalog.register_run(self.spark, self.cfg, list(tables))
         log.info("publish: replaced %s of run %s under %s", ", ".join(tables), self.run_id, self.root)
 

@@ -36,7 +36,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
@@ -46,11 +46,8 @@ from mfdist import lake, topk
 from mfdist import schema as S
 from mfdist.config import Config, OutputConfig
 from mfdist.errors import ConfigError
-from mfdist.ingest import ingest
 from mfdist.publish import Publisher
 from mfdist.published import published_model, run_config
-from mfdist.reindex import apply_index
-from mfdist.split import split
 from mfdist.topk import C, EXCLUDE, Q, RANK, SCORE, VEC, Blocks
 from mfdist.model import Model
 
@@ -237,27 +234,21 @@ def recommend(
 
 # ---------------------------------------------------------------- rerun from a published run (jobs/recommend.py)
 
-def recorded_config(cfg: Config, recorded: Config) -> Config:
-    """The config run ``cfg.run.run_id`` recorded (its input, split and seed give its training ratings), with
-    ``cfg``'s output section: what a rescoring may change."""
-    return replace(recorded, output=cfg.output)
-
-
-def training_ratings(spark: SparkSession, cfg: Config, user_index: DataFrame, item_index: DataFrame) -> DataFrame:
-    """The run's training ratings rebuilt from ``cfg`` (ingest, the published index, the same split)."""
-    indexed = apply_index(ingest(spark, cfg.input).ratings, user_index, item_index).select(S.USER_IDX, S.ITEM_IDX, S.RATING, S.TS)
-    if cfg.split.method == "file":
-        return indexed
-    return split(indexed, method=cfg.split.method, test_fraction=cfg.split.test_fraction, seed=cfg.run.seed)[0]
+def seen_pairs(spark: SparkSession, root: str, run_id: str) -> DataFrame:
+    """user_idx, item_idx of the run's training split, as the training job kept them (no ingest, no split)."""
+    path = lake.train_pairs_path(root, run_id)
+    if not lake.FileSystem(spark, root).exists(path):
+        raise ConfigError(f"run.run_id: run {run_id} under {root} kept no training pairs ({path}); retrain it with this version")
+    return spark.read.parquet(path)
 
 
 def republish(spark: SparkSession, cfg: Config) -> Recommended:
     """Recompute ``recommendations`` and ``similar_items`` of the succeeded run ``run.run_id`` and swap them in."""
     started = time.perf_counter()
     root, run_id = cfg.output.root, cfg.run.run_id
-    trained = recorded_config(cfg, run_config(spark, root, run_id, key="run.run_id"))
+    trained = run_config(spark, root, run_id, key="run.run_id")
     if trained.foldin.base_run is not None:
-        # Its recorded input is only the folded users' ratings, not every user's seen items.
+        # Its pairs are the base run's; the folded users' seen items are only in its own input.
         raise ConfigError(
             f"run.run_id: run {run_id} is a fold-in of run {trained.foldin.base_run}; its lists were recomputed by "
             "jobs/foldin.py, so rescore a training run (or fold in again with other output.* settings)"
@@ -265,9 +256,12 @@ def republish(spark: SparkSession, cfg: Config) -> Recommended:
     user_index = lake.read_partition(spark, root, S.USER_INDEX, run_id).cache()
     item_index = lake.read_partition(spark, root, S.ITEM_INDEX, run_id).cache()
     model = published_model(spark, root, run_id)
-    train = training_ratings(spark, trained, user_index, item_index)
+    train = seen_pairs(spark, root, run_id)
     result = recommend(spark, model, train, user_index, item_index, output=cfg.output, k=cfg.output.top_n)
-    Publisher(spark, cfg).replace({S.RECOMMENDATIONS: result.recommendations, S.SIMILAR_ITEMS: result.similar_items})
+    Publisher(spark, cfg).replace(
+        {S.RECOMMENDATIONS: result.recommendations, S.SIMILAR_ITEMS: result.similar_items},
+        registered_in=trained.output.database,
+    )
     log.info(
         "recommend: run %s rescored in %.1f s: %d of %d users listed, top_n=%d, similar_items=%d",
         run_id, time.perf_counter() - started, result.listed_users, result.eligible_users,

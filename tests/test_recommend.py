@@ -306,3 +306,13 @@ def test_rerun_refuses_an_unknown_run(spark, published):
     cfg, _ = published
     with pytest.raises(ConfigError, match="run.run_id"):
         R.republish(spark, dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, run_id="nope")))
+
+
+def test_the_run_keeps_its_training_pairs_and_a_rerun_without_them_is_refused(spark, published, monkeypatch):
+    cfg, result = published
+    pairs = R.seen_pairs(spark, cfg.output.root, "r1")
+    assert pairs.columns == [S.USER_IDX, S.ITEM_IDX]
+    assert pairs.count() == result.metrics[("split", "train_rows")]
+    monkeypatch.setattr(lake, "train_pairs_path", lambda root, run_id: f"{root}/_runs/{run_id}/gone")
+    with pytest.raises(ConfigError, match="run.run_id: run r1 under .* kept no training pairs"):
+        R.republish(spark, cfg)
