@@ -86,7 +86,7 @@ def tree_rss_kb(root: int) -> int:
 def spawn_phase(args: argparse.Namespace, phase: str) -> tuple[dict, float]:
     """Run ``phase`` in a child process; its JSON result line and the peak RSS (GB) of its process tree."""
     argv = [sys.executable, __file__, "--phase", phase, "--work", args.work] + [
-        f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("phase", "work")
+        f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("phase", "work", "job")
     ]
     out, (peak_gb,) = run_child(argv, lambda pid: (tree_rss_kb(pid),), f"phase {phase}")
     return out, peak_gb

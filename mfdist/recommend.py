@@ -105,7 +105,9 @@ def top_k_lists(
     # k = 0 (no lists wanted) costs no Spark job at all.
     n, dim = candidates.agg(F.count(F.lit(1)), F.max(F.size(VEC))).first() if k else (0, 0)
     if not n:
-        return spark.createDataFrame([], LIST_SCHEMA)
+        # limit(0) makes the frame an empty LocalRelation to the optimizer, which then drops the joins onto
+        # it (the id lookups of the published tables), so writing them scans no index.
+        return spark.createDataFrame([], LIST_SCHEMA).limit(0)
     size_mb = n * (4 * dim + 4) / 2**20
     if size_mb <= broadcast_max_mb:
         log.info("top-k: k=%d, broadcasting %d candidates (%.1f MiB)", k, n, size_mb)
@@ -219,7 +221,8 @@ def recommend(
         cold = user_index.select(S.USER_IDX).join(seen, S.USER_IDX, "left_anti").cache()
         eligible += cold.count()
         lists = lists.unionByName(popular_lists(spark, train, cold, k=k))
-    lists = lists.cache()
+    # Caching an empty frame (k = 0) would hide its emptiness from the optimizer.
+    lists = lists.cache() if k else lists
     listed = lists.select(S.USER_IDX).distinct().count() if k else 0
     similar = similar_item_lists(model.items, k=output.similar_items, broadcast_max_mb=output.broadcast_max_mb)
     return Recommended(
