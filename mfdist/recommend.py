@@ -251,7 +251,7 @@ def republish(spark: SparkSession, cfg: Config) -> Recommended:
     root, run_id = cfg.output.root, cfg.run.run_id
     trained = run_config(spark, root, run_id, key="run.run_id")
     if trained.foldin.base_run is not None:
-        # Its pairs are the base run's; the folded users' seen items are only in its own input.
+        # It keeps no training pairs: the folded users' seen items are only in its own input.
         raise ConfigError(
             f"run.run_id: run {run_id} is a fold-in of run {trained.foldin.base_run}; its lists were recomputed by "
             "jobs/foldin.py, so rescore a training run (or fold in again with other output.* settings)"
