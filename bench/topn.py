@@ -48,6 +48,7 @@ from pyspark.ml.recommendation import ALSModel  # noqa: E402
 from pyspark.sql import DataFrame, SparkSession  # noqa: E402
 from pyspark.sql import functions as F  # noqa: E402
 
+from mfdist import lake  # noqa: E402
 from mfdist import schema as S  # noqa: E402
 from harness import rss_kb, run_child, tree  # noqa: E402
 from mfdist.recommend import similar_item_lists, user_lists  # noqa: E402
@@ -170,7 +171,7 @@ def compare(spark: SparkSession, work: str) -> dict[str, int]:
 def published_als_lists(spark: SparkSession, root: str, run_id: str, k: int) -> DataFrame:
     """recommendForAllUsers(k) of an ALSModel on run ``run_id``'s published factors (by index)."""
     def side(table: str, idx: str) -> DataFrame:
-        return spark.read.parquet(f"{root}/{table}/run_id={run_id}").select(F.col(idx).alias("id"), F.col(S.FACTORS).alias("features"))
+        return lake.read_partition(spark, root, table, run_id).select(F.col(idx).alias("id"), F.col(S.FACTORS).alias("features"))
 
     users, items = side(S.USER_FACTORS, S.USER_IDX), side(S.ITEM_FACTORS, S.ITEM_IDX)
     return als_lists(spark, users, items, len(items.first()["features"]), k)
