@@ -84,7 +84,12 @@ def register_table(spark: SparkSession, database: str, root: str, table: str, ru
     if source == "parquet" and _hive_managed(spark):
         part = f"{path}/{S.RUN_ID}={run_id}"
         spark.sql(f"ALTER TABLE {name} ADD IF NOT EXISTS PARTITION ({S.RUN_ID}={sql_string(run_id)}) LOCATION {sql_string(part)}")
-    spark.sql(f"REFRESH TABLE {name}")
+    refresh(spark, database, table)
+
+
+def refresh(spark: SparkSession, database: str, table: str) -> None:
+    """Drop the session's cached file listing of ``database.table`` (its files were replaced)."""
+    spark.sql(f"REFRESH TABLE {quote_ident(f'{database}.{table}')}")
 
 
 def drop_partition(spark: SparkSession, database: str, table: str, run_id: str) -> None:

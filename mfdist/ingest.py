@@ -44,6 +44,12 @@ class IngestResult:
     input_rows: int
     accepted_rows: int
     rejected_rows: int
+    cached: DataFrame | None = None  # what ``ratings`` is read from, when that is a cache
+
+    def release(self) -> None:
+        """Drop the ratings' cache once later stages have their own copy (the rejected rows stay for publishing)."""
+        if self.cached is not None:
+            self.cached.unpersist()
 
 
 def _require_path(spark: SparkSession, path: str) -> None:
@@ -216,29 +222,39 @@ def resolve_duplicates(accepted: DataFrame, *, policy: str) -> tuple[DataFrame, 
 _RESCANNED = {"parquet", "delta", "table"}
 
 
+def _parsed_once(validated: DataFrame) -> DataFrame:
+    """``validated`` cached, its raw columns kept only for rejected rows (the only rows that show them)."""
+    bad = F.col(S.REASON).isNotNull()
+    raw = [F.when(bad, F.col(f"raw_{c}")).alias(f"raw_{c}") for c in S.RAW_COLUMNS]
+    return validated.select(*raw, *[c for c in validated.columns if not c.startswith("raw_")]).cache()
+
+
 def ingest(spark: SparkSession, cfg: InputConfig, *, path: str | None = None) -> IngestResult:
     """Read, validate and de-duplicate ``path`` (default ``cfg.path``); counts are Spark actions.
 
     Repeated pairs are looked for by counting the distinct pairs (a hash aggregation of the
-    keys alone); only a set that has some pays for resolving them. The rejected rows are
-    cached when there are any, the ratings when they are not a plain columnar scan.
+    keys alone); only a set that has some pays for resolving them. A text or generated source
+    is validated once into a cache that the counts, the ratings and the invalid rows read (a
+    set with repeated pairs reads it again to resolve them); the rejected rows are cached when
+    there are any.
     """
     source = path if path is not None else cfg.path
     raw, columns = read_source(spark, cfg, source)
-    validated = validate(map_columns(raw, columns, source or "synthetic ratings"), rating_range=cfg.rating_range)
+    full = validate(map_columns(raw, columns, source or "synthetic ratings"), rating_range=cfg.rating_range)
+    parsed = _parsed_once(full) if cfg.format not in _RESCANNED else None
+    validated = parsed if parsed is not None else full
     counts = validated.agg(F.count(F.lit(1)).alias("n"), F.count(S.REASON).alias("bad")).first()
     input_rows, invalid = int(counts["n"]), int(counts["bad"])
     if input_rows == invalid:
         raise InputError(f"input.path {source or 'synthetic'}: no valid ratings ({input_rows} rows read, all rejected)")
     accepted = validated.where(F.col(S.REASON).isNull())
     ratings = accepted.select(S.USER_ID, S.ITEM_ID, S.RATING, S.TS)
-    if cfg.format not in _RESCANNED:
-        ratings = ratings.cache()
     unique = ratings.groupBy(S.USER_ID, S.ITEM_ID).count().count()
     rejected, n_superseded = rejected_rows(validated), 0
-    if unique < input_rows - invalid:
-        ratings.unpersist()
-        ratings, superseded = resolve_duplicates(accepted, policy=cfg.duplicates)
+    resolved = unique < input_rows - invalid
+    if resolved:
+        # Superseded rows show their raw columns, which the parsed cache keeps only for invalid rows.
+        ratings, superseded = resolve_duplicates(full.where(F.col(S.REASON).isNull()), policy=cfg.duplicates)
         ratings = ratings.cache()
         ratings.count()
         if superseded is not None:
@@ -248,6 +264,9 @@ def ingest(spark: SparkSession, cfg: InputConfig, *, path: str | None = None) ->
         rejected.count()
     else:
         rejected = spark.createDataFrame([], S.REJECTED_SCHEMA)
+    if resolved and parsed is not None:
+        parsed.unpersist()  # the resolved ratings and the rejected rows have caches of their own
+    cached = ratings if resolved else parsed
     accepted_rows = input_rows - invalid - n_superseded
     log.info("ingest: %d rows read, %d accepted, %d rejected", input_rows, accepted_rows, invalid + n_superseded)
-    return IngestResult(ratings, rejected, input_rows, accepted_rows, invalid + n_superseded)
+    return IngestResult(ratings, rejected, input_rows, accepted_rows, invalid + n_superseded, cached)

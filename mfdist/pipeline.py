@@ -122,6 +122,8 @@ def run(spark: SparkSession, cfg: Config) -> RunResult:
             train_in, test_in = _ingest_all(spark, cfg)
             record = with_ingest_counts(record, [train_in] + ([test_in] if test_in else []), metrics, info)
             rejected = train_in.rejected if test_in is None else train_in.rejected.unionByName(test_in.rejected)
+        # A catalog that cannot register the run fails it here, not after training.
+        publisher.catalog_ready()
 
         with metrics.timed("reindex") as info:
             everything = train_in.ratings if test_in is None else train_in.ratings.unionByName(test_in.ratings)
@@ -146,9 +148,9 @@ def run(spark: SparkSession, cfg: Config) -> RunResult:
                 train, test = indexed.select(*cols).cache(), apply_index(test_in.ratings, user_index, item_index).select(*cols).cache()
                 n_train, n_test = train.count(), test.count()
             # Every later stage reads the split; the ingested frames' caches have done their part.
-            train_in.ratings.unpersist()
+            train_in.release()
             if test_in is not None:
-                test_in.ratings.unpersist()
+                test_in.release()
             info.update(train=n_train, test=n_test)
         metrics.add("split", "train_rows", n_train)
         metrics.add("split", "test_rows", n_test)

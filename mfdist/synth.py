@@ -78,13 +78,14 @@ def planted_ratings(cfg: SyntheticConfig, rating_range: list[float], row_ids: np
     scale = (hi - lo) / 4.0
     users = np.minimum((cfg.users * _uniform(cfg.seed, 1, row_ids) ** USER_GAMMA).astype(np.int64), cfg.users - 1)
     items = np.minimum((cfg.items * _uniform(cfg.seed, 2, row_ids) ** ITEM_GAMMA).astype(np.int64), cfg.items - 1)
-    dot = np.einsum(
-        "ij,ij->i", planted_factors(cfg.seed, 0, users, cfg.rank), planted_factors(cfg.seed, 1, items, cfg.rank)
-    ) / np.sqrt(cfg.rank)
+    # Drawn once per distinct id of the batch (popular ids repeat in most rows), then gathered per row.
+    u, u_row = np.unique(users, return_inverse=True)
+    i, i_row = np.unique(items, return_inverse=True)
+    p, q = planted_factors(cfg.seed, 0, u, cfg.rank), planted_factors(cfg.seed, 1, i, cfg.rank)
+    dot = np.einsum("ij,ij->i", p[u_row], q[i_row]) / np.sqrt(cfg.rank)
     mean = lo + 0.625 * (hi - lo)
-    rating = mean + scale * (
-        planted_biases(cfg.seed, 0, users) + planted_biases(cfg.seed, 1, items) + SIGNAL * dot
-    ) + cfg.noise * scale * _normal(cfg.seed, 3, row_ids)
+    biases = planted_biases(cfg.seed, 0, u)[u_row] + planted_biases(cfg.seed, 1, i)[i_row]
+    rating = mean + scale * (biases + SIGNAL * dot) + cfg.noise * scale * _normal(cfg.seed, 3, row_ids)
     ts = _TS0 + (_uniform(cfg.seed, 4, row_ids) * _TS_SPAN).astype(np.int64)
     return pd.DataFrame(
         {
