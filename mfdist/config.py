@@ -129,6 +129,9 @@ class TrainConfig:
     # test ratings; the evaluate stage scores every test rating once at the end.
     eval_every: int = 1
     eval_sample: int = 100_000
+    # DSGD: train.epochs is the most; the fit stops once the kept epoch's training objective has
+    # fallen by less than this share over the last 3 epochs (0: always run train.epochs).
+    tol: float = 0.005
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     # DSGD: start from the factors and biases of a published run (warm_start_run, else the newest
     # succeeded run under output.root); ids new since then start as in a cold start.
@@ -466,6 +469,7 @@ def validate(cfg: Config) -> None:
     _require(not bad, "evaluate.metrics", f"unknown metric {bad[0] if bad else ''} (known: {', '.join(METRIC_NAMES)})")
     _require(t.eval_every >= 1, "train.eval_every", "must be >= 1")
     _require(t.eval_sample >= 1, "train.eval_sample", "must be >= 1")
+    _require(0 <= t.tol < 1, "train.tol", "must be in [0, 1)")
     if cfg.run.run_id is not None:
         check_run_id(cfg.run.run_id)
     for key, named in (("train.warm_start_run", t.warm_start_run), ("foldin.base_run", cfg.foldin.base_run)):

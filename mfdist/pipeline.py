@@ -122,8 +122,6 @@ def run(spark: SparkSession, cfg: Config) -> RunResult:
             train_in, test_in = _ingest_all(spark, cfg)
             record = with_ingest_counts(record, [train_in] + ([test_in] if test_in else []), metrics, info)
             rejected = train_in.rejected if test_in is None else train_in.rejected.unionByName(test_in.rejected)
-        # A catalog that cannot register the run fails it here, not after training.
-        publisher.catalog_ready()
 
         with metrics.timed("reindex") as info:
             everything = train_in.ratings if test_in is None else train_in.ratings.unionByName(test_in.ratings)

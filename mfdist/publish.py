@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Optional
@@ -64,7 +64,6 @@ class Publisher:
     spark: SparkSession
     cfg: Config
     written: list[str] = field(default_factory=list)
-    registering: Future | None = None  # begin()'s catalog registration of ``runs``, until catalog_ready()
 
     def __post_init__(self) -> None:
         self.root = self.cfg.output.root
@@ -96,17 +95,22 @@ class Publisher:
         self.fs.rename(staged, dst)
         self.fs.delete(lake.staging_path(self.root, self.run_id))
 
-    def _write_run_record(self, record: RunRecord) -> None:
-        """Replace this run's row in ``runs`` (swapped in, so a kill cannot leave half a row)."""
+    def _write_run_record(self, record: RunRecord, *, register: bool = True) -> None:
+        """Replace this run's row in ``runs`` (swapped in, so a kill cannot leave half a row).
+
+        ``register=False``: the partition is registered already and keeps its location, so the
+        catalog only needs to forget this session's listing of its files.
+        """
         self._swap_in(S.RUNS, self.spark.createDataFrame([record.row()], S.RUNS_SCHEMA).coalesce(1))
+        database = self.cfg.output.database
+        if database and register:
+            catalog.register_run(self.spark, self.cfg, [S.RUNS])
+        elif database:
+            catalog.refresh(self.spark, database, S.RUNS)
 
     def begin(self, *, algorithm: str | None = None) -> RunRecord:
         """Record the run as ``running`` (``algorithm``: train.algorithm unless given), then clear what an
-        earlier attempt of it left.
-
-        The ``runs`` table is registered in ``output.database`` in the background (a local metastore
-        takes seconds to start), so that overlaps ingest; :meth:`catalog_ready` waits for it.
-        """
+        earlier attempt of it left."""
         record = RunRecord(
             run_id=self.run_id,
             status="running",
@@ -115,22 +119,12 @@ class Publisher:
             config=json.dumps(self.cfg.to_dict(), sort_keys=True),
         )
         self._write_run_record(record)
-        if self.cfg.output.database:
-            pool = ThreadPoolExecutor(max_workers=1)
-            self.registering = pool.submit(catalog.register_run, self.spark, self.cfg, [S.RUNS])
-            pool.shutdown(wait=False)
         if not self.delta:  # Delta's replaceWhere replaces each partition when it is written
             for table in S.RUN_TABLES:
                 self.fs.delete(lake.partition_path(self.root, table, self.run_id))
         self.fs.delete(lake.run_files_path(self.root, self.run_id))
         self.fs.delete(lake.staging_path(self.root, self.run_id))
         return record
-
-    def catalog_ready(self) -> None:
-        """Wait for begin()'s catalog registration, raising its error (a job calls it before its costly stages)."""
-        registering, self.registering = self.registering, None
-        if registering is not None:
-            registering.result()
 
     def write(self, table: str, df: DataFrame) -> None:
         """Write ``df`` as this run's ``table`` (visible through ``_latest`` once the run commits)."""
@@ -155,26 +149,17 @@ class Publisher:
 
     def commit(self, record: RunRecord) -> RunRecord:
         """Register the written partitions, then mark the run succeeded (last, so readers switch at once)."""
-        self.catalog_ready()
         if self.cfg.output.database:
             catalog.register_run(self.spark, self.cfg, self.written)
         done = replace(record, status="succeeded", finished_at=now())
-        self._write_run_record(done)
-        if self.cfg.output.database:
-            # The partition was registered by begin(); the session's listing of its files is stale.
-            catalog.refresh(self.spark, self.cfg.output.database, S.RUNS)
+        self._write_run_record(done, register=False)  # begin() registered it
         log.info("publish: committed %d tables for run %s under %s", len(self.written), self.run_id, self.root)
         return done
 
     def fail(self, record: RunRecord, error: BaseException) -> RunRecord:
         """Mark the run failed; its partial partitions stay hidden until a rerun or ``jobs/gc.py`` clears them."""
-        if self.registering is not None:
-            self.registering.exception()  # let it finish; its error, if any, is what ``error`` reports
-            self.registering = None
         failed = replace(record, status="failed", finished_at=now(), error=f"{type(error).__name__}: {error}"[:2000])
         self._write_run_record(failed)
-        if self.cfg.output.database:
-            catalog.register_run(self.spark, self.cfg, [S.RUNS])
         return failed
 
     def replace(self, tables: dict[str, DataFrame], *, registered_in: str | None) -> None:

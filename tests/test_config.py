@@ -65,13 +65,18 @@ def test_run_id_defaults_to_timestamp():
         ("input.rating_range=[5, 1]", "input.rating_range"),
         ("evaluate.metrics=[rmse, auc]", "evaluate.metrics"),
         ("bogus=1", "bogus"),
-        ("train.early_stopping.enabled=true", "train.early_stopping.enabled"),  # conf/local.yaml trains with ALS
+        ("train.tol=1", "train.tol"),
         ("train.early_stopping.validation_fraction=0", "train.early_stopping.validation_fraction"),
     ],
 )
 def test_bad_keys_and_values_name_the_key(override, named):
     with pytest.raises(ConfigError, match=named.replace("[", r"\[")):
         load_config(REPO / "conf/local.yaml", [override])
+
+
+def test_early_stopping_with_als_names_the_key():
+    with pytest.raises(ConfigError, match="train.early_stopping.enabled"):
+        load_config(REPO / "conf/local.yaml", ["train.algorithm=als", "train.early_stopping.enabled=true"])
 
 
 def test_unknown_key_in_yaml_file(tmp_path):

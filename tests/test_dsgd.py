@@ -320,7 +320,7 @@ def test_a_grid_larger_than_the_task_slots_runs_as_many_sub_epochs_as_tasks(plan
 def test_early_stopping_stops_on_the_validation_slice_and_keeps_its_best_epoch(planted, tmp_path):
     train, test = planted
     cfg = _config(
-        tmp_path, "early", "train.epochs=40", "train.step_size=0.2", "train.early_stopping.enabled=true",
+        tmp_path, "early", "train.epochs=40", "train.step_size=0.2", "train.tol=0", "train.early_stopping.enabled=true",
         "train.early_stopping.patience=2", "train.early_stopping.min_delta=0.002", "train.early_stopping.validation_fraction=0.2",
     )
     fit = make_trainer(cfg).fit(train, test=test)
@@ -335,6 +335,19 @@ def test_early_stopping_stops_on_the_validation_slice_and_keeps_its_best_epoch(p
     assert rating_metrics(validation, fit.model, rating_range=[1.0, 5.0])["rmse"] == pytest.approx(best.validation_rmse, abs=1e-5)
     folders = sorted(p.name for p in (tmp_path / "ck" / "early" / "dsgd").glob("epoch-*"))
     assert f"epoch-{best.epoch:06d}" in folders and len(folders) <= 3  # the kept, the chain's base and the best epoch
+
+
+def test_the_fit_stops_once_the_objective_falls_by_less_than_tol_over_three_epochs(planted, tmp_path):
+    train, test = planted
+    fit = make_trainer(_config(tmp_path, "tol", "train.epochs=40", "train.step_size=0.2", "train.tol=0.01")).fit(train, test=test)
+    kept = []  # the kept (lowest so far) objective after each epoch
+    for r in fit.epochs:
+        kept.append(min(kept[-1], r.loss) if kept else r.loss)
+    last = len(kept)
+    assert fit.metrics["converged"] == 1.0 and last == fit.metrics["epochs_run"] < 40
+    assert kept[-4] - kept[-1] < 0.01 * kept[-4]
+    assert all(kept[e - 3] - kept[e] >= 0.01 * kept[e - 3] for e in range(3, last - 1))  # not any earlier
+    assert fit.metrics["final_epoch"] == max(r.epoch for r in fit.epochs if r.loss == kept[-1])
 
 
 def test_a_checkpoint_with_another_layout_is_a_config_error(planted, tmp_path):
@@ -388,4 +401,4 @@ def test_ml100k_u1_meets_the_accuracy_goal(spark, ml100k, tmp_path):
     result = make_trainer(cfg).fit(train, test=test)
     rmse = rating_metrics(test, result.model, rating_range=cfg.input.rating_range)["rmse"]
     assert rmse <= 0.920
-    assert result.epochs[-1].epoch == 40
+    assert result.metrics["converged"] == 1.0 or result.epochs[-1].epoch == 40

@@ -86,7 +86,7 @@ def test_ml100k_u1_als_with_biases(spark, ml100k, tmp_path):
         [
             f"input.path={ml100k}/u1.base", "input.format=movielens", "split.method=file",
             f"split.test_path={ml100k}/u1.test", f"output.root={tmp_path}/lake", f"run.checkpoint_dir={tmp_path}/ck",
-            "output.top_n=0", "output.similar_items=0",
+            "output.top_n=0", "output.similar_items=0", "train.algorithm=als",
         ],
     )
     result = run(spark, cfg)

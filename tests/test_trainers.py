@@ -21,7 +21,7 @@ PLANTED = [
 ]
 SETTINGS = {
     "als": ["train.rank=6", "train.epochs=10", "train.reg=0.05", "train.bias_rounds=1"],
-    "dsgd": ["train.rank=6", "train.epochs=10", "train.reg=0.05", "train.step_size=0.04"],
+    "dsgd": ["train.rank=6", "train.epochs=10", "train.reg=0.05", "train.step_size=0.04", "train.tol=0"],
 }
 
 

@@ -102,7 +102,6 @@ def run_foldin(spark: SparkSession, cfg: Config) -> FoldinResult:
         with metrics.timed("ingest") as info:
             given = ingest(spark, cfg.input)
             record = with_ingest_counts(record, [given], metrics, info)
-        publisher.catalog_ready()
 
         def published(table: str) -> DataFrame:
             return lake.read_partition(spark, root, table, base_id)

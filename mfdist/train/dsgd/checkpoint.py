@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Optional
 
@@ -57,6 +57,8 @@ class TrainState:
     best_epoch: Optional[int] = None
     best_rmse: Optional[float] = None
     stale: int = 0
+    # The kept epoch's training objective after each of the last epochs (train.tol's window).
+    recent_losses: list[float] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

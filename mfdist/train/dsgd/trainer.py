@@ -19,7 +19,7 @@ from pyspark.sql import functions as F
 
 from mfdist import lake
 from mfdist import schema as S
-from mfdist.config import Config, EarlyStoppingConfig
+from mfdist.config import Config, EarlyStoppingConfig, TrainConfig
 from mfdist.errors import ConfigError
 from mfdist.model import Model
 from mfdist.session import task_slots
@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 
 BOLD_DRIVER_UP = 1.05
 BOLD_DRIVER_DOWN = 0.5
+# train.tol compares the objective with this many epochs before: a shorter window would see the bold
+# driver's rolled-back epochs (no change) as convergence.
+CONVERGENCE_EPOCHS = 3
 
 
 def sub_epoch(ratings: RDD, blocks: RDD, *, stratum: int, grid: Grid, step) -> RDD:
@@ -95,7 +98,7 @@ class DSGDTrainer(Trainer):
             f"resuming after epoch {state.epoch}" if state else f"from run {self.warm.run_id}'s factors" if self.warm else "from scratch",
         )
         records: list[EpochRecord] = []
-        if state is None or (state.epoch < t.epochs and not _stopped(state, es)):
+        if state is None or (state.epoch < t.epochs and not _stopped(state, es) and not _converged(state, t.tol)):
             if state is None:
                 state = self._start(store, train, grid, layout_key, n_train=stats["n_train"])
             hyper = tasks.Hyper(
@@ -118,6 +121,10 @@ class DSGDTrainer(Trainer):
                         log.info("dsgd: stopped after epoch %d, no validation improvement for %d epochs; best epoch %d (RMSE %.4f)",
                                  epoch, es.patience, state.best_epoch, state.best_rmse)
                         break
+                    if _converged(state, t.tol):
+                        log.info("dsgd: converged after epoch %d: the objective fell by less than train.tol=%g over %d epochs",
+                                 epoch, t.tol, CONVERGENCE_EPOCHS)
+                        break
             finally:
                 layout.unpersist()
                 if kept is not None:
@@ -128,7 +135,7 @@ class DSGDTrainer(Trainer):
         model.users.cache()
         model.items.cache()
         check_finite(model)
-        return TrainResult(model, records, metrics=_stopping_metrics(state, es, final))
+        return TrainResult(model, records, metrics=_stopping_metrics(state, t, final))
 
     def _start(self, store: CheckpointStore, train: DataFrame, grid: Grid, layout_key: dict, *, n_train: int) -> TrainState:
         """Write epoch 0 (initial factors, or the warm start's where it has them) and the first state."""
@@ -173,6 +180,7 @@ class DSGDTrainer(Trainer):
             finished = blocks
         if samples.validation is not None:
             state = _track_best(state, epoch, validation_rmse, min_delta=t.early_stopping.min_delta)
+        state = replace(state, recent_losses=(state.recent_losses + [state.loss])[-CONVERGENCE_EPOCHS - 1:])
         # The state names the epochs to keep before the others' files go, so a kill in between resumes.
         store.write_state(state)
         store.keep_only({state.kept_epoch, kept.base} | ({state.best_epoch} if state.best_epoch is not None else set()))
@@ -195,13 +203,21 @@ def _stopped(state: TrainState, es: EarlyStoppingConfig) -> bool:
     return es.enabled and state.stale >= es.patience
 
 
-def _stopping_metrics(state: TrainState, es: EarlyStoppingConfig, final: int) -> dict[str, float]:
-    """``metrics`` rows of an early-stopped fit: which epoch it kept, its validation RMSE, whether it stopped early."""
-    if not es.enabled:
-        return {}
-    figures = {"final_epoch": float(final), "epochs_run": float(state.epoch), "stopped_early": float(_stopped(state, es))}
-    if state.best_rmse is not None:
-        figures["validation_rmse"] = state.best_rmse
+def _converged(state: TrainState, tol: float) -> bool:
+    """Whether the kept objective fell by less than ``tol`` of itself over the last CONVERGENCE_EPOCHS epochs."""
+    losses = state.recent_losses
+    if tol <= 0 or len(losses) <= CONVERGENCE_EPOCHS or losses[0] is None or not math.isfinite(losses[0]):
+        return False
+    return losses[0] - losses[-1] < tol * losses[0]
+
+
+def _stopping_metrics(state: TrainState, t: TrainConfig, final: int) -> dict[str, float]:
+    """``metrics`` rows of the fit: the epoch it kept, the epochs it ran, why it stopped before train.epochs."""
+    figures = {"final_epoch": float(final), "epochs_run": float(state.epoch), "converged": float(_converged(state, t.tol))}
+    if t.early_stopping.enabled:
+        figures["stopped_early"] = float(_stopped(state, t.early_stopping))
+        if state.best_rmse is not None:
+            figures["validation_rmse"] = state.best_rmse
     return figures
 
 
