@@ -17,7 +17,7 @@ workers' start-up for the other):
   reg ``--als-reg``); DSGD runs ``--dsgd-epochs`` epochs with reg ``--dsgd-reg``
   and initial step ``--dsgd-step``. Both at rank ``--rank``.
 - ``ml100k``: MovieLens 100k u1..u5 (when ``../shared/data/ml-100k`` exists), ids
-  minus 1 as indices; ALS with ``conf/local.yaml``'s settings and DSGD with
+  minus 1 as indices; ALS with ``conf/local.yaml``'s ``train.als`` settings and DSGD with
   ``conf/ml100k-dsgd.yaml``'s (both rank 50), 5-fold means at the end.
 
 Printed per DSGD epoch: wall seconds of the epoch (sub-epochs, checkpoint and
@@ -215,7 +215,7 @@ def bench_synthetic(spark: SparkSession, args: argparse.Namespace, work: str) ->
                                           "train.bias_rounds=1", "run.run_id=synthetic-als"])
     dsgd_cfg = load_config(None, common + ["train.algorithm=dsgd", f"train.epochs={args.dsgd_epochs}", f"train.reg={args.dsgd_reg}",
                                            f"train.step_size={args.dsgd_step}", f"train.eval_sample={args.eval_sample}",
-                                           "run.run_id=synthetic-dsgd"])
+                                           "train.tol=0", "run.run_id=synthetic-dsgd"])  # every epoch, for the curve
     started = time.perf_counter()
     ratings = generate_ratings(spark, cfg=als_cfg.input.synthetic, rating_range=als_cfg.input.rating_range)
     train, test = random_split(_indexed(ratings, S.USER_ID, S.ITEM_ID), test_fraction=0.2, seed=als_cfg.run.seed)
@@ -241,7 +241,7 @@ def bench_ml100k(spark: SparkSession, args: argparse.Namespace, work: str) -> No
     common = [f"run.checkpoint_dir={work}/ck"]
     results = {}
     for fold in args.folds:
-        als_cfg = load_config(REPO / "conf" / "local.yaml", common + [f"run.run_id=ml100k-u{fold}-als"])
+        als_cfg = load_config(REPO / "conf" / "local.yaml", common + ["train.algorithm=als", f"run.run_id=ml100k-u{fold}-als"])
         dsgd_cfg = load_config(REPO / "conf" / "ml100k-dsgd.yaml", common + [f"run.run_id=ml100k-u{fold}-dsgd"])
         if fold == args.folds[0]:
             a, d = als_cfg.train, dsgd_cfg.train
