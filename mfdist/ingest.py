@@ -249,7 +249,8 @@ def ingest(spark: SparkSession, cfg: InputConfig, *, path: str | None = None) ->
         raise InputError(f"input.path {source or 'synthetic'}: no valid ratings ({input_rows} rows read, all rejected)")
     accepted = validated.where(F.col(S.REASON).isNull())
     ratings = accepted.select(S.USER_ID, S.ITEM_ID, S.RATING, S.TS)
-    unique = ratings.groupBy(S.USER_ID, S.ITEM_ID).count().count()
+    # Generated ratings are de-duplicated as they are drawn (mfdist.synth).
+    unique = input_rows - invalid if cfg.format == "synthetic" else ratings.groupBy(S.USER_ID, S.ITEM_ID).count().count()
     rejected, n_superseded = rejected_rows(validated), 0
     resolved = unique < input_rows - invalid
     if resolved:

@@ -34,7 +34,7 @@ def build_session(cfg: Config) -> SparkSession:
     builder = SparkSession.builder.appName(cfg.run.name)
     if cfg.spark.master and not launched_by_spark_submit():
         builder = builder.master(cfg.spark.master)
-    for key, value in {**cfg.spark.conf, **local_catalog_conf(cfg), **_FIXED_CONF}.items():
+    for key, value in {**local_worker_conf(cfg), **cfg.spark.conf, **local_catalog_conf(cfg), **_FIXED_CONF}.items():
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
@@ -46,6 +46,17 @@ def build_session(cfg: Config) -> SparkSession:
         spark.stop()
         raise
     return spark
+
+
+def local_worker_conf(cfg: Config) -> dict[str, str]:
+    """On a local master this process starts: Python workers forked from :mod:`mfdist.daemon` (the kernel loaded).
+
+    Only there is mfdist importable by the daemon itself; on a cluster the package reaches the
+    workers as ``--py-files``, which Spark puts on a task's path, not on its daemon's.
+    """
+    if launched_by_spark_submit() or not (cfg.spark.master or "").startswith("local"):
+        return {}
+    return {"spark.python.daemon.module": "mfdist.daemon"}
 
 
 def master(spark: SparkSession) -> str:

@@ -22,6 +22,7 @@ from pyspark.sql import types as T
 
 from mfdist import schema as S
 from mfdist.config import SyntheticConfig
+from mfdist.hashing import splitmix64
 
 # Power-law exponents of the inverse CDF u = n * x**gamma: the top 1% of items get
 # about 16% of the ratings, the top 1% of users about 6% (MovieLens-like skew).
@@ -32,18 +33,6 @@ USER_BIAS_STD = 0.3
 ITEM_BIAS_STD = 0.4
 _TS0 = 1_600_000_000
 _TS_SPAN = 100_000_000
-
-_MASK = np.uint64(0xFFFFFFFFFFFFFFFF)
-
-
-def splitmix64(x: np.ndarray) -> np.ndarray:
-    """SplitMix64 finalizer: a fast, well-mixed 64-bit hash of uint64 values."""
-    with np.errstate(over="ignore"):
-        z = (x + np.uint64(0x9E3779B97F4A7C15)) & _MASK
-        z = ((z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & _MASK
-        z = ((z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & _MASK
-        return z ^ (z >> np.uint64(31))
-
 
 def _uniform(seed: int, stream: int, ids: np.ndarray) -> np.ndarray:
     """Uniform (0, 1) doubles from (seed, stream, id)."""
@@ -72,12 +61,18 @@ def planted_biases(seed: int, side: int, ids: np.ndarray) -> np.ndarray:
     return std * _normal(seed, 20 + side, ids)
 
 
-def planted_ratings(cfg: SyntheticConfig, rating_range: list[float], row_ids: np.ndarray) -> pd.DataFrame:
-    """Ratings for the given row ids (a pure function, used inside Spark tasks)."""
-    lo, hi = rating_range
-    scale = (hi - lo) / 4.0
+def planted_pairs(cfg: SyntheticConfig, row_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The (user, item) pair each row id draws."""
     users = np.minimum((cfg.users * _uniform(cfg.seed, 1, row_ids) ** USER_GAMMA).astype(np.int64), cfg.users - 1)
     items = np.minimum((cfg.items * _uniform(cfg.seed, 2, row_ids) ** ITEM_GAMMA).astype(np.int64), cfg.items - 1)
+    return users, items
+
+
+def planted_ratings(cfg: SyntheticConfig, rating_range: list[float], row_ids: np.ndarray, users: np.ndarray,
+                    items: np.ndarray) -> pd.DataFrame:
+    """The ratings of the given row ids, which drew ``users`` and ``items`` (a pure function, used inside Spark tasks)."""
+    lo, hi = rating_range
+    scale = (hi - lo) / 4.0
     # Drawn once per distinct id of the batch (popular ids repeat in most rows), then gathered per row.
     u, u_row = np.unique(users, return_inverse=True)
     i, i_row = np.unique(items, return_inverse=True)
@@ -89,7 +84,6 @@ def planted_ratings(cfg: SyntheticConfig, rating_range: list[float], row_ids: np
     ts = _TS0 + (_uniform(cfg.seed, 4, row_ids) * _TS_SPAN).astype(np.int64)
     return pd.DataFrame(
         {
-            "id": row_ids,
             S.USER_ID: users,
             S.ITEM_ID: items,
             S.RATING: np.clip(rating, lo, hi),
@@ -98,9 +92,9 @@ def planted_ratings(cfg: SyntheticConfig, rating_range: list[float], row_ids: np
     )
 
 
+_PAIR_SCHEMA = "id long, user_id long, item_id long"
 _ROW_SCHEMA = T.StructType(
     [
-        T.StructField("id", T.LongType()),
         T.StructField(S.USER_ID, T.LongType()),
         T.StructField(S.ITEM_ID, T.LongType()),
         T.StructField(S.RATING, T.DoubleType()),
@@ -112,15 +106,24 @@ _ROW_SCHEMA = T.StructType(
 def generate_ratings(
     spark: SparkSession, *, cfg: SyntheticConfig, rating_range: list[float], partitions: int | None = None
 ) -> DataFrame:
-    """A DataFrame of about ``cfg.ratings`` planted ratings (fewer when draws repeat a pair)."""
+    """A DataFrame of about ``cfg.ratings`` planted ratings (fewer when draws repeat a pair).
+
+    Only the pairs are drawn before the de-duplication, which keeps each pair's first row id by
+    a hash aggregation of three longs; a rating is a function of its row id and pair, so it is
+    computed after, for the kept rows alone.
+    """
     n_parts = partitions or max(spark.sparkContext.defaultParallelism, cfg.ratings // 2_000_000, 1)
 
-    def gen(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+    def draw(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         for batch in batches:
-            yield planted_ratings(cfg, rating_range, batch["id"].to_numpy())
+            ids = batch["id"].to_numpy()
+            users, items = planted_pairs(cfg, ids)
+            yield pd.DataFrame({"id": ids, S.USER_ID: users, S.ITEM_ID: items})
 
-    rows = spark.range(0, cfg.ratings, numPartitions=n_parts).mapInPandas(gen, _ROW_SCHEMA)
-    first = F.min(F.struct("id", S.RATING, S.TS)).alias("first")
-    return rows.groupBy(S.USER_ID, S.ITEM_ID).agg(first).select(
-        S.USER_ID, S.ITEM_ID, F.col(f"first.{S.RATING}").alias(S.RATING), F.col(f"first.{S.TS}").alias(S.TS)
-    )
+    def rate(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        for batch in batches:
+            yield planted_ratings(cfg, rating_range, *(batch[c].to_numpy() for c in ("id", S.USER_ID, S.ITEM_ID)))
+
+    pairs = spark.range(0, cfg.ratings, numPartitions=n_parts).mapInPandas(draw, _PAIR_SCHEMA)
+    first = pairs.groupBy(S.USER_ID, S.ITEM_ID).agg(F.min("id").alias("id"))
+    return first.mapInPandas(rate, _ROW_SCHEMA)

@@ -47,6 +47,8 @@ def spark(tmp_path_factory: pytest.TempPathFactory, viewfs_dir: Path) -> SparkSe
         .config("spark.driver.memory", "4g")
         .config("spark.sql.sources.partitionColumnTypeInference.enabled", "false")
         .config("spark.sql.execution.arrow.pyspark.enabled", "true")
+        # As mfdist.session.build_session does for local masters: workers fork with the DSGD kernel loaded.
+        .config("spark.python.daemon.module", "mfdist.daemon")
         # The status store keeps plans and task data of past jobs even with the UI off; a
         # long suite in one JVM would fill the heap with them.
         .config("spark.sql.ui.retainedExecutions", "20")

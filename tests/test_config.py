@@ -6,6 +6,7 @@ import pytest
 
 from mfdist.config import TRAINER_DEFAULTS, Config, config_from_dict, load_config, parse_overrides
 from mfdist.errors import ConfigError
+from mfdist.session import local_worker_conf
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -119,3 +120,13 @@ def test_job_exits_2_for_missing_input_path(tmp_path):
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "missing.csv" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_only_local_masters_fork_python_workers_from_the_preloaded_daemon(monkeypatch):
+    monkeypatch.delenv("PYSPARK_GATEWAY_PORT", raising=False)
+    daemon = {"spark.python.daemon.module": "mfdist.daemon"}
+    assert local_worker_conf(load_config(None, ["spark.master=local[2]"])) == daemon
+    # Executors of a cluster get mfdist as --py-files, on a task's path but not on the daemon's.
+    assert local_worker_conf(load_config(None, ["spark.master=spark://127.0.0.1:7077"])) == {}
+    monkeypatch.setenv("PYSPARK_GATEWAY_PORT", "1")  # spark-submit's --master decides
+    assert local_worker_conf(load_config(None, ["spark.master=local[2]"])) == {}

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,8 @@ from mfdist.train.dsgd import kernel as K
 from mfdist.train.dsgd import layout as L
 from mfdist.train.dsgd import schedule as D
 from mfdist.train.dsgd import tasks
-from mfdist.train.dsgd.checkpoint import CheckpointStore
+from mfdist.train.dsgd import trainer as trainer_module
+from mfdist.train.dsgd.checkpoint import CheckpointStore, TrainState
 from mfdist.train.dsgd.trainer import sub_epoch
 from tests.conftest import VIEWFS
 
@@ -184,6 +186,27 @@ def _block(kind: str, block: int) -> tasks.FactorBlock:
     return tasks.FactorBlock(kind, block, None, None, None, None, K.NO_ERRORS)
 
 
+def _worker_state(_) -> tuple[str, int]:
+    """The Python worker's main module and the specialisations its compiled kernel holds, before any update."""
+    main = sys.modules["__main__"]
+    return getattr(main.__spec__, "name", None), len(K._sgd.signatures)
+
+
+def test_python_workers_fork_from_a_daemon_that_loaded_the_kernel(spark):
+    # Without it the workers' main module is pyspark.daemon, and a new worker compiles (or loads) the kernel mid-epoch.
+    states = spark.sparkContext.parallelize(range(4), 4).map(_worker_state).collect()
+    assert all(main == "mfdist.daemon" and compiled >= 1 for main, compiled in states), states
+
+
+def test_the_default_grid_is_the_task_slots_unless_blocks_would_fall_under_a_million_ratings():
+    assert D.default_blocks(2, 740_000) == 1  # the demo: one task an epoch beats two stages of two
+    assert D.default_blocks(2, 3_999_999) == 1
+    assert D.default_blocks(2, 4_000_000) == 2
+    assert D.default_blocks(2, 20_000_000) == 2
+    assert D.default_blocks(200, 1_000_000_000) == 31
+    assert D.default_blocks(8, 0) == 1
+
+
 @pytest.mark.parametrize("tasks_per_sub_epoch", [3, 2])
 def test_a_sub_epoch_brings_each_task_its_blocks_by_one_shuffle_and_keeps_nothing(spark, tasks_per_sub_epoch):
     sc, d, stratum = spark.sparkContext, 3, 1
@@ -213,6 +236,7 @@ def test_a_sub_epoch_brings_each_task_its_blocks_by_one_shuffle_and_keeps_nothin
 def _config(tmp_path, run_id: str, *extra: str):
     return load_config(None, [
         "train.algorithm=dsgd", "train.rank=4", "train.epochs=2", "train.step_size=0.04", "train.reg=0.05",
+        "train.blocks=2",  # the tests' sets are far below MIN_BLOCK_RATINGS, which would give d = 1
         f"run.checkpoint_dir={tmp_path}/ck", f"run.run_id={run_id}",
         "input.synthetic.users=150", "input.synthetic.items=60", "input.synthetic.ratings=4000", "input.synthetic.rank=3",
         *extra,
@@ -337,6 +361,15 @@ def test_early_stopping_stops_on_the_validation_slice_and_keeps_its_best_epoch(p
     assert f"epoch-{best.epoch:06d}" in folders and len(folders) <= 3  # the kept, the chain's base and the best epoch
 
 
+def test_a_flat_objective_is_convergence_only_after_the_bold_driver_has_rolled_back():
+    flat = TrainState(epoch=12, kept_epoch=12, step_size=0.1, loss=0.5, layout={}, mean_counts=[1.0, 1.0],
+                      recent_losses=[0.5001, 0.5001, 0.5, 0.5])
+    assert not trainer_module._converged(flat, 0.005)  # the step only grew so far
+    assert not trainer_module._converged(replace(flat, first_rollback=10), 0.005)  # the window starts before it
+    assert trainer_module._converged(replace(flat, first_rollback=9), 0.005)
+    assert not trainer_module._converged(replace(flat, first_rollback=9, recent_losses=[0.52, 0.51, 0.5, 0.5]), 0.005)
+
+
 def test_the_fit_stops_once_the_objective_falls_by_less_than_tol_over_three_epochs(planted, tmp_path):
     train, test = planted
     fit = make_trainer(_config(tmp_path, "tol", "train.epochs=40", "train.step_size=0.2", "train.tol=0.01")).fit(train, test=test)
@@ -344,9 +377,11 @@ def test_the_fit_stops_once_the_objective_falls_by_less_than_tol_over_three_epoc
     for r in fit.epochs:
         kept.append(min(kept[-1], r.loss) if kept else r.loss)
     last = len(kept)
+    first_rollback = next(r.epoch for i, r in enumerate(fit.epochs) if i and not r.loss < kept[i - 1])
     assert fit.metrics["converged"] == 1.0 and last == fit.metrics["epochs_run"] < 40
-    assert kept[-4] - kept[-1] < 0.01 * kept[-4]
-    assert all(kept[e - 3] - kept[e] >= 0.01 * kept[e - 3] for e in range(3, last - 1))  # not any earlier
+    assert kept[-4] - kept[-1] < 0.01 * kept[-4] and last - first_rollback >= 3
+    # Not any earlier once the window lies after the first roll-back (kept[i] is after epoch i + 1).
+    assert all(kept[i - 3] - kept[i] >= 0.01 * kept[i - 3] for i in range(max(3, first_rollback + 2), last - 1))
     assert fit.metrics["final_epoch"] == max(r.epoch for r in fit.epochs if r.loss == kept[-1])
 
 

@@ -59,6 +59,7 @@ class TrainState:
     stale: int = 0
     # The kept epoch's training objective after each of the last epochs (train.tol's window).
     recent_losses: list[float] = field(default_factory=list)
+    first_rollback: Optional[int] = None  # the first epoch the bold driver rolled back
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 from numba import njit
 
-from mfdist.synth import splitmix64
+from mfdist.hashing import splitmix64
 
 log = logging.getLogger(__name__)
 
@@ -216,6 +216,20 @@ def sgd_block(block: RatingBlock, order: np.ndarray, rows: Side, cols: Side, *, 
         np.float32(mu), np.float32(lr), biases, np.float32(lo), np.float32(hi),
     )
     return BlockErrors(float(sse), float(sse_clipped), float(penalty), len(block.vals))
+
+
+def warm_up() -> None:
+    """Load the compiled pass (numba's cache, else a compile) by one update on a one-rating block.
+
+    The argument types are the trainer's, so the dispatcher holds the very specialisation the
+    epochs call.
+    """
+    one = np.zeros(1, np.int32)
+    block = layout_block(one, one, np.ones(1, np.float32), rank=1, seed=0)
+    side = Side(np.zeros((1, 1), np.float32), np.zeros(1, np.float32), np.zeros(1, np.float32), np.zeros(1, np.float32),
+                np.ones(1, np.float32))
+    sgd_block(block, np.zeros(1, np.int64), side, side._replace(vecs=side.vecs.copy()), mu=0.0, lr=0.1, biases=True,
+              rating_range=(0.0, 1.0))
 
 
 def sgd_block_numpy(block: RatingBlock, order: np.ndarray, rows: Side, cols: Side, *, mu: float, lr: float, biases: bool,

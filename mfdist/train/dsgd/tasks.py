@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from mfdist import schema as S
-from mfdist.synth import splitmix64
+from mfdist.hashing import splitmix64
 from mfdist.train.dsgd.kernel import NO_ERRORS, BlockErrors, RatingBlock, Side, layout_block, penalty_weights, sgd_block
 from mfdist.train.dsgd.schedule import HELD, MOVING, Grid
 
