@@ -101,6 +101,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="a DSGD setting to try besides its defaults (space-separated key=value)")
     parser.add_argument("--folds", action="store_true", help="ml-100k: all five folds")
     parser.add_argument("--sets", nargs="+", metavar="NAME", help="only these rating sets (ml-100k, planted, half-stars, 0-10, sparse)")
+    parser.add_argument("--algorithms", nargs="+", default=["als", "dsgd"], choices=["als", "dsgd"],
+                        help="the defaults to run (--candidate settings run in any case)")
     parser.add_argument("--driver-memory", default="8g")
     return parser.parse_args(argv)
 
@@ -108,12 +110,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     settings = {"als (conf/local.yaml)": ["train.algorithm=als"], "dsgd defaults": ["train.algorithm=dsgd"]}
+    settings = {label: setting for label, setting in settings.items() if label.split()[0] in args.algorithms}
     for text in args.candidate:
         settings[f"dsgd {text}"] = ["train.algorithm=dsgd", *shlex.split(text)]
     with tempfile.TemporaryDirectory(prefix="bench-defaults-") as work:
         spark = bench_session(master="local[2]", driver_memory=args.driver_memory, work=work, app="bench-defaults")
         # What conf/local.yaml's spark.conf sets for the job (this session is built here, not by the job).
-        spark.conf.set("spark.sql.shuffle.partitions", "8")
+        spark.conf.set("spark.sql.shuffle.partitions", "4")
         spark.conf.set("spark.sql.adaptive.enabled", "false")
         sets = [s for s in rating_sets(spark, work, folds=args.folds) if not args.sets or s.name.split()[0] in args.sets]
         print(f"defaults: {len(sets)} rating sets x {len(settings)} settings, local[2]")

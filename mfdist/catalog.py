@@ -24,17 +24,20 @@ DERBY_URL_KEY = "spark.hadoop.javax.jdo.option.ConnectionURL"
 
 
 def local_catalog_conf(cfg: Config) -> dict[str, str]:
-    """Derby metastore and warehouse under a local ``output.root`` when Hive support is asked for.
+    """Hive support with a Derby metastore and warehouse under a local ``output.root``, for ``output.database``.
 
+    Asked for by ``output.database`` alone (or by ``spark.sql.catalogImplementation: hive``).
     On a cluster the metastore is the platform's (Glue, Unity Catalog, Hive), so nothing is added
-    there, nor when the config names a metastore itself.
+    there, nor when the config names a metastore or another catalog itself.
     """
     conf = cfg.spark.conf
     local = (cfg.spark.master or "").startswith("local") and "://" not in cfg.output.root
-    if conf.get("spark.sql.catalogImplementation") != "hive" or DERBY_URL_KEY in conf or not local:
+    catalog = conf.get("spark.sql.catalogImplementation", "hive" if cfg.output.database else None)
+    if catalog != "hive" or DERBY_URL_KEY in conf or not local:
         return {}
     root = Path(cfg.output.root).resolve()
     return {
+        "spark.sql.catalogImplementation": "hive",
         DERBY_URL_KEY: f"jdbc:derby:;databaseName={root / '_metastore' / 'metastore_db'};create=true",
         "spark.sql.warehouse.dir": str(root / "_warehouse"),
         "spark.driver.extraJavaOptions": f"-Dderby.system.home={root / '_metastore'}",

@@ -1,5 +1,6 @@
 """The local demo's catalog: two runs (the first in this process, unregistered; the second a job process that
-registers mf.*), then a fresh process sees mf.*_latest by name; the notebook runs on it."""
+registers mf.* with `--set output.database=mf`), then a fresh process sees mf.*_latest by name; the notebook runs
+on the catalog and, as the demo's default has it, on the lake alone."""
 
 import os
 import subprocess
@@ -38,7 +39,7 @@ def demo_lake(spark, tmp_path_factory):
     # One job process is enough to prove the catalog; the earlier run only has to be in the lake.
     first = load_config(str(REPO / "conf" / "local.yaml"), [*overrides, "output.database=null", "run.run_id=first"])
     assert run(spark, first).record.status == "succeeded"
-    _python("jobs/train.py", "--conf", "conf/local.yaml", "--set", *overrides, "run.run_id=second")
+    _python("jobs/train.py", "--conf", "conf/local.yaml", "--set", *overrides, "output.database=mf", "run.run_id=second")
     return root, overrides
 
 
@@ -46,16 +47,24 @@ def test_fresh_process_sees_the_second_run_by_name(demo_lake):
     root, overrides = demo_lake
     out = _python("-m", "mfdist.sql", "--conf", "conf/local.yaml",
                   "SELECT run_id, count(*) AS n FROM mf.user_factors_latest GROUP BY run_id",
-                  "--set", f"output.root={root}", "spark.master=local[1]")
+                  "--set", f"output.root={root}", "output.database=mf", "spark.master=local[1]")
     rows = [line for line in out.splitlines() if "second" in line or "first" in line]
     assert len(rows) == 1 and "second" in rows[0]
     assert int(rows[0].strip("|").split("|")[1]) > 0
 
 
-def test_analyst_notebook_executes(demo_lake):
+def test_without_a_database_the_same_query_reads_the_lake_as_temp_views(demo_lake):
+    root, _ = demo_lake
+    out = _python("-m", "mfdist.sql", "--conf", "conf/local.yaml", "SELECT run_id FROM user_factors_latest GROUP BY run_id",
+                  "--set", f"output.root={root}", "spark.master=local[1]")
+    assert "second" in out and "first" not in out
+
+
+@pytest.mark.parametrize("database", ["mf", "null"])
+def test_analyst_notebook_executes(demo_lake, database):
     root, _ = demo_lake
     nb = nbformat.read(REPO / "notebooks" / "analyst_tour.ipynb", as_version=4)
-    env = {"MFDIST_SET": f"output.root={root} spark.master=local[2]", "MFDIST_REPO": str(REPO)}
+    env = {"MFDIST_SET": f"output.root={root} output.database={database} spark.master=local[2]", "MFDIST_REPO": str(REPO)}
     os.environ.update(env)
     try:
         NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}).execute()

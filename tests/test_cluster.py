@@ -31,7 +31,7 @@ SMALL = [
     "input.synthetic.users=2000", "input.synthetic.items=300", "input.synthetic.ratings=60000", "input.synthetic.rank=4",
     "train.rank=8", "train.bias_rounds=1", "output.top_n=10", "output.similar_items=5", "evaluate.k=10",
 ]
-DSGD = ["train.algorithm=dsgd", "train.epochs=5", "train.step_size=0.1", "train.reg=0.05", "train.blocks=2"]
+DSGD = ["train.algorithm=dsgd", "train.epochs=5", "train.step_size=0.1", "train.reg=0.05"]
 
 
 @pytest.fixture(scope="module")

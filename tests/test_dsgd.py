@@ -198,15 +198,6 @@ def test_python_workers_fork_from_a_daemon_that_loaded_the_kernel(spark):
     assert all(main == "mfdist.daemon" and compiled >= 1 for main, compiled in states), states
 
 
-def test_the_default_grid_is_the_task_slots_unless_blocks_would_fall_under_a_million_ratings():
-    assert D.default_blocks(2, 740_000) == 1  # the demo: one task an epoch beats two stages of two
-    assert D.default_blocks(2, 3_999_999) == 1
-    assert D.default_blocks(2, 4_000_000) == 2
-    assert D.default_blocks(2, 20_000_000) == 2
-    assert D.default_blocks(200, 1_000_000_000) == 31
-    assert D.default_blocks(8, 0) == 1
-
-
 @pytest.mark.parametrize("tasks_per_sub_epoch", [3, 2])
 def test_a_sub_epoch_brings_each_task_its_blocks_by_one_shuffle_and_keeps_nothing(spark, tasks_per_sub_epoch):
     sc, d, stratum = spark.sparkContext, 3, 1
@@ -236,7 +227,6 @@ def test_a_sub_epoch_brings_each_task_its_blocks_by_one_shuffle_and_keeps_nothin
 def _config(tmp_path, run_id: str, *extra: str):
     return load_config(None, [
         "train.algorithm=dsgd", "train.rank=4", "train.epochs=2", "train.step_size=0.04", "train.reg=0.05",
-        "train.blocks=2",  # the tests' sets are far below MIN_BLOCK_RATINGS, which would give d = 1
         f"run.checkpoint_dir={tmp_path}/ck", f"run.run_id={run_id}",
         "input.synthetic.users=150", "input.synthetic.items=60", "input.synthetic.ratings=4000", "input.synthetic.rank=3",
         *extra,

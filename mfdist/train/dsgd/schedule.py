@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,21 +49,6 @@ class Grid:
     def stratum_of(self, held: int, moving: int) -> int:
         """The stratum in which rating block (held, moving) is updated."""
         return (moving % self.tasks - held % self.tasks) % self.tasks
-
-
-# A rating block below this many ratings costs its sub-epoch's stage more in fixed Spark and Python
-# worker latency (~0.5 s here) than in kernel time: on 2 cores the demo's 0.74M training ratings
-# take 0.47 s an epoch at d = 1 and 1.10 s at d = 2, to the same RMSE.
-MIN_BLOCK_RATINGS = 1_000_000
-
-
-def default_blocks(slots: int, ratings: int) -> int:
-    """d when ``train.blocks`` is unset: the task slots, or fewer where that leaves blocks under MIN_BLOCK_RATINGS.
-
-    An epoch costs about d stage latencies plus the kernel's work spread over d tasks, so a
-    small set runs faster on a coarser grid than on every slot.
-    """
-    return max(1, min(slots, math.isqrt(ratings // MIN_BLOCK_RATINGS)))
 
 
 def grid_for(d: int, *, slots: int, users: int, items: int, user_col: str, item_col: str) -> Grid:
