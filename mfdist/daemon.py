@@ -3,8 +3,9 @@
 Spark starts one daemon per executor and forks every Python worker from it, so each new
 worker otherwise spends about a second initialising numba and loading the compiled kernel
 from its cache, mid-epoch (the local demo forks a handful). Only numba and numpy are loaded
-here: they start no threads at import, which a fork would not carry over (pandas and pyarrow
-do, which is why PySpark imports them in the worker, after the fork).
+here: numba starts no thread, and numpy's one OpenBLAS thread is shut down and restarted across
+a fork by OpenBLAS itself; pandas and pyarrow (jemalloc's background thread) are left to the
+worker, as PySpark does, so a fork never copies a process whose other threads hold locks.
 """
 
 from pyspark import daemon
