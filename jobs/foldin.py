@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from mfdist.cli import base_parser, run_job  # noqa: E402
 from mfdist.config import Config  # noqa: E402
 from mfdist.foldin.job import run_foldin  # noqa: E402
-from mfdist.session import build_session  # noqa: E402
+from mfdist.session import job_session  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -23,11 +23,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def foldin(cfg: Config, _: argparse.Namespace) -> int:
-    spark = build_session(cfg)
-    try:
+    with job_session(cfg) as spark:
         result = run_foldin(spark, cfg)
-    finally:
-        spark.stop()
     print(
         f"run {result.record.run_id} {result.record.status}: {result.folded} {cfg.foldin.side} folded into run "
         f"{cfg.foldin.base_run} ({result.new_ids} new) -> {cfg.output.root}"

@@ -11,7 +11,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from mfdist.cli import base_parser, run_job  # noqa: E402
 from mfdist.config import Config  # noqa: E402
 from mfdist.retention import apply_gc, plan_gc  # noqa: E402
-from mfdist.session import build_session  # noqa: E402
+from mfdist.session import job_session  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -22,15 +22,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def gc(cfg: Config, args: argparse.Namespace) -> int:
-    spark = build_session(cfg)
-    try:
+    with job_session(cfg) as spark:
         plan = plan_gc(spark, cfg.output.root, keep=args.keep, checkpoint_dir=cfg.run.checkpoint_dir)
         for line in plan.describe(cfg.output.root):
             print(("" if args.apply else "[dry run] ") + line)
         if args.apply:
             apply_gc(spark, cfg.output.root, plan, database=cfg.output.database)
-    finally:
-        spark.stop()
     return 0
 
 

@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from mfdist.cli import base_parser, run_job  # noqa: E402
 from mfdist.config import Config  # noqa: E402
 from mfdist.recommend import republish  # noqa: E402
-from mfdist.session import build_session  # noqa: E402
+from mfdist.session import job_session  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -25,11 +25,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def recommend(cfg: Config, _: argparse.Namespace) -> int:
-    spark = build_session(cfg)
-    try:
+    with job_session(cfg) as spark:
         result = republish(spark, cfg)
-    finally:
-        spark.stop()
     print(f"run {cfg.run.run_id}: recommendations for {result.listed_users} users -> {cfg.output.root}")
     return 0
 

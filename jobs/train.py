@@ -11,7 +11,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from mfdist.cli import base_parser, run_job  # noqa: E402
 from mfdist.config import Config  # noqa: E402
 from mfdist.pipeline import run  # noqa: E402
-from mfdist.session import build_session  # noqa: E402
+from mfdist.session import job_session  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -19,11 +19,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def train(cfg: Config, _: argparse.Namespace) -> int:
-    spark = build_session(cfg)
-    try:
+    with job_session(cfg) as spark:
         result = run(spark, cfg)
-    finally:
-        spark.stop()
     print(f"run {result.record.run_id} {result.record.status} -> {cfg.output.root}")
     return 0
 

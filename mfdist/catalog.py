@@ -40,7 +40,7 @@ def local_catalog_conf(cfg: Config) -> dict[str, str]:
         "spark.sql.catalogImplementation": "hive",
         DERBY_URL_KEY: f"jdbc:derby:;databaseName={root / '_metastore' / 'metastore_db'};create=true",
         "spark.sql.warehouse.dir": str(root / "_warehouse"),
-        "spark.driver.extraJavaOptions": f"-Dderby.system.home={root / '_metastore'}",
+        "spark.driver.extraJavaOptions": f"{conf.get('spark.driver.extraJavaOptions', '')} -Dderby.system.home={root / '_metastore'}".strip(),
     }
 
 

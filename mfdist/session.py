@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+from contextlib import contextmanager
+from typing import Iterator, Optional
 from urllib.parse import urlsplit
 
+from pyspark import SparkContext
 from pyspark.sql import SparkSession
 
-from mfdist import lake
+from mfdist import jvm, lake
 from mfdist.catalog import local_catalog_conf
 from mfdist.config import Config
 from mfdist.errors import ConfigError
@@ -31,10 +35,32 @@ def build_session(cfg: Config) -> SparkSession:
     ``--master`` wins, so ``spark-submit --master spark://... jobs/train.py --conf conf/local.yaml``
     runs on that cluster.
     """
+    return _build(cfg, dump=False)[0]
+
+
+@contextmanager
+def job_session(cfg: Config) -> Iterator[SparkSession]:
+    """A job's session (``jobs/*.py``), stopped when the job ends.
+
+    The first local job on a machine leaves the class-data archive later local jobs start
+    from (:mod:`mfdist.jvm`), once its JVM has exited.
+    """
+    spark, archive = _build(cfg, dump=True)
+    try:
+        yield spark
+    finally:
+        _stop(spark, archive)
+
+
+def _build(cfg: Config, *, dump: bool) -> tuple[SparkSession, Optional[jvm.Archive]]:
     builder = SparkSession.builder.appName(cfg.run.name)
     if cfg.spark.master and not launched_by_spark_submit():
         builder = builder.master(cfg.spark.master)
-    for key, value in {**local_worker_conf(cfg), **cfg.spark.conf, **local_catalog_conf(cfg), **_FIXED_CONF}.items():
+    conf = {**local_worker_conf(cfg), **cfg.spark.conf, **local_catalog_conf(cfg), **_FIXED_CONF}
+    # Only a JVM this call starts takes the options (getOrCreate reuses a running one as it is).
+    starts_jvm = SparkContext._active_spark_context is None and starts_local_jvm(cfg)
+    archive = jvm.plan_archive(conf, dump=dump) if starts_jvm else None
+    for key, value in jvm.with_archive(conf, archive).items():
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
@@ -43,9 +69,38 @@ def build_session(cfg: Config) -> SparkSession:
     try:
         check_shared_storage(spark, cfg)
     except ConfigError:
-        spark.stop()
+        _stop(spark, archive)
         raise
-    return spark
+    return spark, archive
+
+
+def _stop(spark: SparkSession, archive: Optional[jvm.Archive]) -> None:
+    """Stop the session; a JVM dumping the archive is also ended (and waited for), so the dump is complete."""
+    if archive is None or archive.dumping is None:
+        spark.stop()
+        return
+    gateway = spark.sparkContext._gateway
+    spark.stop()
+    jvm.finish_dump(archive, jvm_exited=_end_jvm(gateway))
+
+
+def _end_jvm(gateway) -> bool:
+    """Close the JVM's stdin (PySpark's gateway exits on EOF, dumping the archive) and wait for it: whether it exited cleanly."""
+    proc = getattr(gateway, "proc", None)
+    if proc is None or proc.stdin is None:
+        return False
+    gateway.close()
+    SparkContext._gateway = SparkContext._jvm = None  # a later session in this process starts a new JVM
+    proc.stdin.close()
+    try:
+        return proc.wait(timeout=600) == 0
+    except subprocess.TimeoutExpired:
+        return False
+
+
+def starts_local_jvm(cfg: Config) -> bool:
+    """Whether this process starts the JVM itself, for a local master (not spark-submit's, not a cluster's)."""
+    return not launched_by_spark_submit() and (cfg.spark.master or "").startswith("local")
 
 
 def local_worker_conf(cfg: Config) -> dict[str, str]:
@@ -54,9 +109,7 @@ def local_worker_conf(cfg: Config) -> dict[str, str]:
     Only there is mfdist importable by the daemon itself; on a cluster the package reaches the
     workers as ``--py-files``, which Spark puts on a task's path, not on its daemon's.
     """
-    if launched_by_spark_submit() or not (cfg.spark.master or "").startswith("local"):
-        return {}
-    return {"spark.python.daemon.module": "mfdist.daemon"}
+    return {"spark.python.daemon.module": "mfdist.daemon"} if starts_local_jvm(cfg) else {}
 
 
 def master(spark: SparkSession) -> str:

@@ -16,7 +16,7 @@ from mfdist.catalog import register_temp_views
 from mfdist.cli import base_parser, run_job
 from mfdist.config import Config
 from mfdist.errors import InputError
-from mfdist.session import build_session
+from mfdist.session import job_session
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -27,8 +27,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def query(cfg: Config, args: argparse.Namespace) -> int:
-    spark = build_session(cfg)
-    try:
+    with job_session(cfg) as spark:
         if not cfg.output.database:
             register_temp_views(spark, cfg.output.root)
         try:
@@ -36,8 +35,6 @@ def query(cfg: Config, args: argparse.Namespace) -> int:
         except AnalysisException as exc:
             raise InputError(f"query: {str(exc).splitlines()[0]}") from None
         result.show(args.limit, truncate=False)
-    finally:
-        spark.stop()
     return 0
 
 

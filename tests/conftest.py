@@ -24,6 +24,14 @@ os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 VIEWFS = "viewfs://mfdist/data"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _jvm_cache(tmp_path_factory: pytest.TempPathFactory):
+    """The local jobs the tests start keep their class-data archive (mfdist.jvm) here, not in the user's cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def viewfs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The local folder behind ``VIEWFS``."""
