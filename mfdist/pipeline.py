@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import partial
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 from pyspark.sql import DataFrame, SparkSession
 
@@ -36,6 +36,7 @@ from mfdist.train import EpochRecord, make_trainer
 from mfdist.train.warm import warm_start
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -113,7 +114,10 @@ def run(spark: SparkSession, cfg: Config) -> RunResult:
     # Start from an empty cache, so repeated runs in one session (notebooks, tests) don't pile up blocks.
     release_cached(spark)
     publisher = Publisher(spark, cfg)
-    record = publisher.begin()
+    # The `runs` row is the JVM's first job (~2 s of class loading on a local master), so it is
+    # written while ingest reads the input, and waited for before any stage reads the lake.
+    begun = _in_background(publisher.begin)
+    record = None
     metrics = Metrics()
     lo_hi = cfg.input.rating_range
     tracked = None
@@ -121,7 +125,7 @@ def run(spark: SparkSession, cfg: Config) -> RunResult:
         tracked = open_run(cfg)
         with metrics.timed("ingest") as info:
             train_in, test_in = _ingest_all(spark, cfg)
-            record = with_ingest_counts(record, [train_in] + ([test_in] if test_in else []), metrics, info)
+            record = with_ingest_counts(begun.result(), [train_in] + ([test_in] if test_in else []), metrics, info)
             rejected = train_in.rejected if test_in is None else train_in.rejected.unionByName(test_in.rejected)
 
         with metrics.timed("reindex") as info:
@@ -240,7 +244,7 @@ def run(spark: SparkSession, cfg: Config) -> RunResult:
         publisher.write_report(report)
         record = publisher.commit(record)
     except BaseException as exc:
-        publisher.fail(record, exc)
+        publisher.fail(record or begun.result(), exc)
         if tracked:
             tracked.fail(exc)
         raise
@@ -249,6 +253,15 @@ def run(spark: SparkSession, cfg: Config) -> RunResult:
     if not cfg.run.keep_checkpoints:
         lake.FileSystem(spark, checkpoints).delete(checkpoints)
     return RunResult(record=record, model=model, metrics=metrics.as_dict(), epochs=epochs)
+
+
+def _in_background(task: Callable[[], T]) -> Future[T]:
+    """``task`` started on a thread of its own."""
+    pool = ThreadPoolExecutor(max_workers=1)
+    try:
+        return pool.submit(task)
+    finally:
+        pool.shutdown(wait=False)
 
 
 def _epoch_rows(stage: str, e: EpochRecord) -> list[tuple]:
