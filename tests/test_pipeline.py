@@ -6,6 +6,7 @@ from pyspark.sql import functions as F
 from mfdist import lake
 from mfdist import schema as S
 from mfdist.config import load_config
+from mfdist.errors import InputError
 from mfdist.pipeline import run
 from tests.conftest import tiny_config
 
@@ -92,3 +93,12 @@ def test_ml100k_u1_als_with_biases(spark, ml100k, tmp_path):
     result = run(spark, cfg)
     assert result.metrics[("evaluate", "rmse")] <= 0.925
     assert result.metrics[("ingest", "input_rows")] == 100_000
+
+
+def test_a_run_that_fails_while_its_runs_row_is_written_is_recorded_failed(spark, tmp_path):
+    # The running row is written while ingest reads; a failing ingest waits for it, then marks it failed.
+    cfg = tiny_config(tmp_path, "input.format=parquet", f"input.path={tmp_path}/missing", run_id="bad")
+    with pytest.raises(InputError, match="missing"):
+        run(spark, cfg)
+    (row,) = lake.read_table(spark, cfg.output.root, S.RUNS).collect()
+    assert (row.run_id, row.status) == ("bad", "failed") and "InputError" in row.error and row.finished_at is not None
