@@ -50,7 +50,7 @@ class Archive:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mfdist"
+    return Path(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")) / "mfdist"
 
 
 def spark_home() -> Path:
@@ -84,8 +84,12 @@ def plan_archive(conf: dict[str, str], *, dump: bool) -> Optional[Archive]:
         return Archive(path)
     if not dump:
         return None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_dumps(path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_dumps(path.parent)
+    except OSError as exc:  # no writable cache (a read-only home): the job runs as it would without one
+        log.info("jvm: no class-data archive (%s)", exc)
+        return None
     return Archive(path, dumping=path.with_name(f"{path.name}.{os.getpid()}.tmp"))
 
 
@@ -100,11 +104,14 @@ def finish_dump(archive: Optional[Archive], jvm_exited: bool) -> None:
     """Move a complete dump into place (the JVM exited cleanly and wrote it), else drop what it left."""
     if archive is None or archive.dumping is None:
         return
-    if jvm_exited and archive.dumping.is_file():
-        os.replace(archive.dumping, archive.path)
-        log.info("jvm: class-data archive written to %s; later local jobs start from it", archive.path)
-    else:
-        archive.dumping.unlink(missing_ok=True)
+    try:
+        if jvm_exited and archive.dumping.is_file():
+            os.replace(archive.dumping, archive.path)
+            log.info("jvm: class-data archive written to %s; later local jobs start from it", archive.path)
+        else:
+            archive.dumping.unlink(missing_ok=True)
+    except OSError as exc:
+        log.info("jvm: class-data archive not kept (%s)", exc)
 
 
 def _remove_stale_dumps(folder: Path) -> None:

@@ -57,8 +57,8 @@ def _build(cfg: Config, *, dump: bool) -> tuple[SparkSession, Optional[jvm.Archi
     if cfg.spark.master and not launched_by_spark_submit():
         builder = builder.master(cfg.spark.master)
     conf = {**local_worker_conf(cfg), **cfg.spark.conf, **local_catalog_conf(cfg), **_FIXED_CONF}
-    # Only a JVM this call starts takes the options (getOrCreate reuses a running one as it is).
-    starts_jvm = SparkContext._active_spark_context is None and starts_local_jvm(cfg)
+    # Only a JVM this call starts takes the options (a session reuses a running one, also after a stop).
+    starts_jvm = SparkContext._gateway is None and starts_local_jvm(cfg)
     archive = jvm.plan_archive(conf, dump=dump) if starts_jvm else None
     for key, value in jvm.with_archive(conf, archive).items():
         builder = builder.config(key, value)

@@ -70,3 +70,9 @@ def test_archive_options_come_before_the_users_own(cache):
     archive = jvm.Archive(cache / "a.jsa")
     conf = jvm.with_archive({jvm.JAVA_OPTIONS: "-XX:+UseParallelGC", "spark.driver.memory": "4g"}, archive)
     assert conf == {jvm.JAVA_OPTIONS: f"-XX:SharedArchiveFile={cache / 'a.jsa'} -XX:+UseParallelGC", "spark.driver.memory": "4g"}
+
+
+def test_without_a_writable_cache_a_job_runs_without_an_archive(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file"))
+    assert jvm.plan_archive({}, dump=True) is None
