@@ -218,6 +218,36 @@ def sgd_block(block: RatingBlock, order: np.ndarray, rows: Side, cols: Side, *, 
     return BlockErrors(float(sse), float(sse_clipped), float(penalty), len(block.vals))
 
 
+@compiled()
+def _sample_sse(held, moving, ratings, held_idx, held_bias, held_vecs, moving_idx, moving_bias, moving_vecs, mu, lo, hi):  # pragma: no cover - compiled
+    hp = np.searchsorted(held_idx, held)
+    mp = np.searchsorted(moving_idx, moving)
+    sse = 0.0
+    for n in range(len(ratings)):
+        p = held_vecs[hp[n]]
+        q = moving_vecs[mp[n]]
+        dot = 0.0
+        for f in range(p.shape[0]):
+            dot += np.float64(p[f]) * q[f]
+        pred = mu + held_bias[hp[n]] + moving_bias[mp[n]] + dot
+        c = ratings[n] - min(max(pred, lo), hi)
+        sse += c * c
+    return sse
+
+
+Rows = tuple[np.ndarray, np.ndarray, np.ndarray]  # one side's (idx ascending, bias, vecs)
+
+
+def sample_sse(held: np.ndarray, moving: np.ndarray, ratings: np.ndarray, held_rows: Rows, moving_rows: Rows, *, mu: float,
+               rating_range: tuple[float, float]) -> float:
+    """Squared error of the clipped predictions for the pairs (held[n], moving[n]) from each side's rows.
+
+    One pass without the (pairs, rank) gathers numpy needs: 100k pairs at rank 50 in ~2 ms instead of ~70.
+    """
+    lo, hi = rating_range
+    return float(_sample_sse(held, moving, ratings, *held_rows, *moving_rows, float(mu), float(lo), float(hi)))
+
+
 def warm_up() -> None:
     """Load the compiled pass (numba's cache, else a compile) by one update on a one-rating block.
 
