@@ -293,6 +293,23 @@ def test_the_per_epoch_test_rmse_is_the_evaluate_stages_on_the_sample(planted, t
     assert small.epochs[0].test_rmse != pytest.approx(exact, abs=1e-6)
 
 
+def test_the_per_epoch_sample_is_bounded_and_near_its_limit_and_its_rmse_is_numpys(planted):
+    _, test = planted
+    n = test.count()
+    sample = trainer_module._eval_sample(test, rows=n, limit=n // 3, seed=5)
+    assert n // 3 - 4 * math.sqrt(n / 3) <= len(sample.ratings) <= n // 3
+    assert len(trainer_module._eval_sample(test, rows=n, limit=n, seed=5).ratings) == n
+    rng = np.random.default_rng(0)
+    idx = np.unique(np.concatenate([sample.users, sample.items])).astype(np.int32)
+    rows = trainer_module.Rows(idx, rng.normal(size=len(idx)).astype(np.float32), rng.normal(size=(len(idx), 4)).astype(np.float32))
+    grid = D.grid_for(2, slots=2, users=int(idx.max()) + 1, items=int(idx.max()) + 1, user_col=S.USER_IDX, item_col=S.ITEM_IDX)
+    got = sample.rmse(grid, {D.HELD: rows, D.MOVING: rows}, mu=3.0, rating_range=[1.0, 5.0])
+    held, moving = sample.sides(grid)
+    h, m = np.searchsorted(idx, held), np.searchsorted(idx, moving)
+    pred = 3.0 + rows.bias[h] + rows.bias[m] + np.einsum("ij,ij->i", rows.vecs[h].astype(np.float64), rows.vecs[m])
+    assert got == pytest.approx(np.sqrt(np.mean((sample.ratings - np.clip(pred, 1.0, 5.0)) ** 2)), rel=1e-6)
+
+
 def test_checkpoints_go_through_hadoop_so_a_hadoop_only_scheme_works(planted, tmp_path, viewfs_dir):
     """viewfs:// (a Hadoop mount table over a local folder) is a scheme pyarrow's file systems do not know."""
     import pyarrow.fs as pafs
