@@ -235,10 +235,10 @@ def _sample_sse(held, moving, ratings, held_idx, held_bias, held_vecs, moving_id
     return sse
 
 
-Rows = tuple[np.ndarray, np.ndarray, np.ndarray]  # one side's (idx ascending, bias, vecs)
+SideRows = tuple[np.ndarray, np.ndarray, np.ndarray]  # one side's (idx ascending, bias, vecs)
 
 
-def sample_sse(held: np.ndarray, moving: np.ndarray, ratings: np.ndarray, held_rows: Rows, moving_rows: Rows, *, mu: float,
+def sample_sse(held: np.ndarray, moving: np.ndarray, ratings: np.ndarray, held_rows: SideRows, moving_rows: SideRows, *, mu: float,
                rating_range: tuple[float, float]) -> float:
     """Squared error of the clipped predictions for the pairs (held[n], moving[n]) from each side's rows.
 

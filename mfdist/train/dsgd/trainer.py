@@ -321,7 +321,7 @@ def _eval_sample(test: DataFrame | None, *, rows: int, limit: int, seed: int) ->
         return None
     share = (limit + 4 * math.sqrt(limit) + 4) / rows
     # Another seed than the split's, so the sample is uniform over the test ratings.
-    kept = test if share >= 1 else test.where(unit_hash(seed + 1) < share).limit(limit)
+    kept = test if rows <= limit else test.where(unit_hash(seed + 1) < min(share, 1.0)).limit(limit)
     table = kept.select(S.USER_IDX, S.ITEM_IDX, S.RATING).toArrow()  # at most train.eval_sample rows
     if not table.num_rows:
         return None
