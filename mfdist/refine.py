@@ -535,6 +535,7 @@ def resolve(ratings: DataFrame, plan: BlockPlan, model: Model, cfg: Config) -> M
         solved = fold_in(
             ratings.join(F.broadcast(ids), key), model.items if users_side else model.users,
             key=key, other=other, mu=model.mu, rank=model.rank, ridge=ridge_for(cfg, mean_count=means[key]),
+            broadcast_max_mb=cfg.output.broadcast_max_mb,
         ).cache()  # broadcast-sized (refine.sample.* rows); the items' solve reads the users'
         merged = merge_side(model.users if users_side else model.items, solved, idx_col=key)
         model = dataclasses.replace(model, **{"users" if users_side else "items": merged})

@@ -10,7 +10,7 @@ from mfdist import lake
 from mfdist import schema as S
 from mfdist.config import SyntheticConfig, load_config
 from mfdist.errors import ConfigError
-from mfdist.foldin.job import run_foldin
+from mfdist.foldin.job import fold_in, run_foldin
 from mfdist.foldin.solve import Ridge, solve_row
 from mfdist.pipeline import run
 from mfdist.recommend import republish
@@ -37,6 +37,28 @@ def test_a_row_solve_is_the_least_squares_solution_of_the_trainers_objective():
     bias, factors = solve_row(fixed, target, Ridge(reg=0.1, bias_reg=1.0, biases=False))
     assert bias == 0.0
     np.testing.assert_allclose(factors, np.linalg.solve(fixed.T @ fixed + 0.1 * 12 * np.eye(RANK), fixed.T @ target))
+
+
+@pytest.mark.parametrize("broadcast_max_mb", [0, 64], ids=["shuffle-join", "broadcast"])
+def test_fold_in_solves_each_key_once_on_all_its_ratings_whichever_join(spark, broadcast_max_mb):
+    rng = np.random.default_rng(3)
+    items = rng.standard_normal((30, RANK)).astype(np.float32)
+    item_bias = rng.standard_normal(30).astype(np.float32)
+    fixed = spark.createDataFrame([(i, float(item_bias[i]), items[i].tolist()) for i in range(30)],
+                                  f"{S.ITEM_IDX} int, {S.BIAS} float, {S.FACTORS} array<float>")
+    pairs = [(u, int(i), float(rng.integers(1, 6))) for u in range(9) for i in rng.choice(30, 6 + u, replace=False)]
+    ratings = spark.createDataFrame(pairs, f"{S.USER_IDX} int, {S.ITEM_IDX} int, {S.RATING} double").repartition(3)
+    ridge = Ridge(reg=0.1, bias_reg=0.5, biases=True)
+    solved = fold_in(ratings, fixed, key=S.USER_IDX, other=S.ITEM_IDX, mu=3.0, rank=RANK, ridge=ridge,
+                     broadcast_max_mb=broadcast_max_mb)
+    got = _by_idx(solved, S.USER_IDX)
+    assert solved.count() == len(got) == 9
+    for u in range(9):
+        rows = [(i, r) for v, i, r in pairs if v == u]
+        idx = np.array([i for i, _ in rows])
+        target = np.array([r for _, r in rows]) - 3.0 - item_bias[idx]
+        expected = _lstsq(items[idx].astype(np.float64), target, factor_penalty=0.1 * len(rows), bias_penalty=0.5)
+        np.testing.assert_allclose(got[u], expected, atol=1e-4)
 
 
 @pytest.fixture(scope="module")
