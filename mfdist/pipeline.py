@@ -240,7 +240,7 @@ def run(spark: SparkSession, cfg: Config) -> RunResult:
             info.update(root=cfg.output.root, run_id=cfg.run.run_id)
         # The publish time is known only now, so the metrics table is written last.
         publisher.write(S.METRICS, metrics_frame(spark, metrics.rows))
-        report = build_report(record, metrics.rows, epochs, count_by_reason(rejected))
+        report = build_report(record, metrics.rows, epochs, count_by_reason(rejected, total=record.rejected_rows))
         publisher.write_report(report)
         record = publisher.commit(record)
     except BaseException as exc:

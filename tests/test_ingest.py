@@ -50,6 +50,8 @@ def test_every_rejection_reason_lands_with_raw_values(spark, tmp_path):
     assert_df_equality(res.rejected, expected, ignore_row_order=True, ignore_nullable=True)
     good = {(r.user_id, r.item_id, r.rating) for r in res.ratings.collect()}
     assert good == {("a", "x", 4.0), ("g", "z", 2.5), ("h", "z", 1.0)}
+    assert I.count_by_reason(res.rejected, total=res.rejected_rows) == {
+        I.REASON_NULL_USER: 1, I.REASON_NULL_ITEM: 1, I.REASON_NAN: 2, I.REASON_RANGE: 1, I.REASON_TS: 1}
 
 
 def test_duplicates_last_keeps_newest_and_rejects_the_rest(spark, tmp_path):

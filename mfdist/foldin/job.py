@@ -184,7 +184,7 @@ def run_foldin(spark: SparkSession, cfg: Config) -> FoldinResult:
             publisher.write_all(tables)
             info.update(root=root, run_id=run_id)
         publisher.write(S.METRICS, metrics_frame(spark, metrics.rows))
-        publisher.write_report(build_report(record, metrics.rows, [], count_by_reason(rejected)))
+        publisher.write_report(build_report(record, metrics.rows, [], count_by_reason(rejected, total=record.rejected_rows)))
         record = publisher.commit(record)
     except BaseException as exc:
         publisher.fail(record, exc)
