@@ -91,7 +91,9 @@ def job_rmse(spark: SparkSession, work: str, rating_set: RatingSet, setting: lis
     ])
     result = run(spark, cfg)
     t = cfg.train
-    used = f"{t.algorithm} rank {t.rank} reg {t.reg} epochs {t.epochs}" + (f" step {t.step_size}" if t.algorithm == "dsgd" else "")
+    # train/reg: the reg the model was fitted with (train.tune_reg's choice).
+    reg = result.metrics.get(("train", "reg"), t.reg)
+    used = f"{t.algorithm} rank {t.rank} reg {reg:g} epochs {int(result.metrics.get(('train', 'epochs_run'), t.epochs))}" + (f" step {t.step_size}" if t.algorithm == "dsgd" else "")
     return result.metrics[("evaluate", "rmse")], result.metrics[("train", "seconds")], used
 
 
@@ -101,7 +103,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="a DSGD setting to try besides its defaults (space-separated key=value)")
     parser.add_argument("--folds", action="store_true", help="ml-100k: all five folds")
     parser.add_argument("--sets", nargs="+", metavar="NAME", help="only these rating sets (ml-100k, planted, half-stars, 0-10, sparse)")
-    parser.add_argument("--algorithms", nargs="+", default=["als", "dsgd"], choices=["als", "dsgd"],
+    parser.add_argument("--algorithms", nargs="*", default=["als", "dsgd"], choices=["als", "dsgd"],
                         help="the defaults to run (--candidate settings run in any case)")
     parser.add_argument("--driver-memory", default="8g")
     return parser.parse_args(argv)

@@ -132,6 +132,9 @@ class TrainConfig:
     # DSGD: train.epochs is the most; the fit stops once the kept epoch's training objective has
     # fallen by less than this share over the last 3 epochs (0: always run train.epochs).
     tol: float = 0.005
+    # DSGD: choose reg on the validation slice (train.early_stopping.validation_fraction) along a
+    # path of regs from train.reg / 4 up to train.reg * 4, each started from the last one's factors.
+    tune_reg: bool = False
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     # DSGD: start from the factors and biases of a published run (warm_start_run, else the newest
     # succeeded run under output.root); ids new since then start as in a cold start.
@@ -444,6 +447,10 @@ def validate(cfg: Config) -> None:
     _require(
         not es.enabled or t.algorithm == "dsgd", "train.early_stopping.enabled",
         "applies to train.algorithm: dsgd (Spark ALS fits all its train.epochs iterations in one call)",
+    )
+    _require(
+        not t.tune_reg or t.algorithm == "dsgd", "train.tune_reg",
+        "applies to train.algorithm: dsgd (Spark ALS fits one reg per call; tune it with Spark's TrainValidationSplit)",
     )
     _require(
         not t.warm_start or t.algorithm == "dsgd", "train.warm_start",

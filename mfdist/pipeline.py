@@ -194,7 +194,9 @@ def run(spark: SparkSession, cfg: Config) -> RunResult:
             from mfdist.refine import plan_block, refine
 
             with metrics.timed("refine") as info:
-                refined = refine(plan_block(train, cfg), model, cfg, callback=partial(record_epoch, "refine"))
+                # Refined with the reg the factors were fitted with (train.tune_reg's choice).
+                fitted = replace(cfg, train=replace(cfg.train, reg=fit.metrics.get("reg", cfg.train.reg)))
+                refined = refine(plan_block(train, fitted), model, fitted, callback=partial(record_epoch, "refine"))
                 model = refined.model
                 for name, value in refined.metrics.items():
                     metrics.add("refine", name, value)

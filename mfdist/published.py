@@ -11,6 +11,7 @@ stay in Spark.
 from __future__ import annotations
 
 import json
+from typing import Optional
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -31,17 +32,23 @@ def run_config(spark: SparkSession, root: str, run_id: str, *, key: str) -> Conf
     return config_from_dict(json.loads(row[0]))
 
 
-def run_mu(spark: SparkSession, root: str, run_id: str) -> float:
-    """The global mean a run's model predicts with (metric ``train``/``mu``)."""
+def run_metric(spark: SparkSession, root: str, run_id: str, stage: str, metric: str) -> Optional[float]:
+    """A run's ``metrics`` value of ``stage``/``metric``, or None when it has none."""
     row = (
         lake.read_partition(spark, root, S.METRICS, run_id)
-        .where((F.col("stage") == "train") & (F.col("metric") == "mu"))
+        .where((F.col("stage") == stage) & (F.col("metric") == metric))
         .select("value")
         .first()
     )
-    if row is None:
+    return None if row is None else float(row[0])
+
+
+def run_mu(spark: SparkSession, root: str, run_id: str) -> float:
+    """The global mean a run's model predicts with (metric ``train``/``mu``)."""
+    mu = run_metric(spark, root, run_id, "train", "mu")
+    if mu is None:
         raise InputError(f"run {run_id} under {root}: its metrics have no train/mu; retrain it with this version")
-    return float(row[0])
+    return mu
 
 
 def factor_rank(side: DataFrame) -> int:

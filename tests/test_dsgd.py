@@ -368,6 +368,46 @@ def test_early_stopping_stops_on_the_validation_slice_and_keeps_its_best_epoch(p
     assert f"epoch-{best.epoch:06d}" in folders and len(folders) <= 3  # the kept, the chain's base and the best epoch
 
 
+def test_tune_reg_climbs_the_path_while_the_validation_rmse_improves(planted, tmp_path):
+    train, test = planted
+    cfg = _config(
+        tmp_path, "tuned", "train.epochs=40", "train.step_size=0.2", "train.tol=0", "train.tune_reg=true", "train.reg=0.2",
+        "train.early_stopping.patience=2", "train.early_stopping.validation_fraction=0.2",
+    )
+    fit = make_trainer(cfg).fit(train, test=test)
+    scored = [r for r in fit.epochs if r.validation_rmse is not None]
+    best = min(scored, key=lambda r: r.validation_rmse)
+    assert fit.metrics["final_epoch"] == best.epoch and fit.metrics["validation_rmse"] == pytest.approx(best.validation_rmse)
+    assert fit.metrics["reg"] in [pytest.approx(0.2 * m) for m in trainer_module.REG_PATH]
+    assert fit.epochs[-1].epoch < 40  # the path ended on a stage that did not beat the ones before it
+    _, validation = random_split(train, test_fraction=0.2, seed=cfg.run.seed + 2)
+    assert rating_metrics(validation, fit.model, rating_range=[1.0, 5.0])["rmse"] == pytest.approx(best.validation_rmse, abs=1e-5)
+
+
+def test_a_reg_stage_ends_on_its_own_stale_validation_and_the_path_on_a_stage_without_gain():
+    t = _config(Path("/tmp"), "unit", "train.tune_reg=true", "train.reg=0.2", "train.early_stopping.patience=2").train
+    start = TrainState(epoch=5, kept_epoch=5, step_size=0.1, loss=0.5, layout={}, mean_counts=[1.0, 1.0], reg=0.05,
+                       best_epoch=4, best_rmse=0.9, best_reg=0.05, stale=1, stage_best=0.9, stage_stale=1,
+                       recent_losses=[0.6, 0.55, 0.5])
+    assert trainer_module._tune_reg(start, t) == start  # one stale epoch: the stage goes on
+    moved = trainer_module._tune_reg(trainer_module._track_stage(start, 0.95, min_delta=0.0), t)
+    assert (moved.reg, moved.stage_start, moved.stage_best, moved.stage_stale, moved.loss, moved.recent_losses, moved.tuned) == (
+        0.1, 6, None, 0, None, [], False)
+    # Still above the best of the lower regs but improving on itself: the stage goes on.
+    going = trainer_module._track_stage(trainer_module._track_stage(replace(moved, epoch=7), 0.97, min_delta=0.0), 0.96, min_delta=0.0)
+    assert trainer_module._tune_reg(replace(going, stale=5), t) == replace(going, stale=5)
+    # A stage whose best is older than its start did not beat the lower regs: the path ends there.
+    ended = trainer_module._tune_reg(replace(going, epoch=9, stage_stale=2), t)
+    assert ended.tuned and ended.reg == 0.1 and ended.best_reg == 0.05
+    assert trainer_module._tune_reg(replace(start, reg=0.8, stage_stale=2, best_epoch=5), t).tuned  # the highest reg is the last stage
+    assert "reg 0.05" in trainer_module._why_done(ended, t)
+
+
+def test_tune_reg_applies_to_dsgd_only():
+    with pytest.raises(ConfigError, match="train.tune_reg"):
+        load_config(None, ["train.algorithm=als", "train.tune_reg=true"])
+
+
 def test_a_flat_objective_is_convergence_only_after_the_bold_driver_has_rolled_back():
     flat = TrainState(epoch=12, kept_epoch=12, step_size=0.1, loss=0.5, layout={}, mean_counts=[1.0, 1.0],
                       recent_losses=[0.5001, 0.5001, 0.5, 0.5])

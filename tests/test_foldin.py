@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from pyspark.sql import functions as F
@@ -10,9 +12,10 @@ from mfdist import lake
 from mfdist import schema as S
 from mfdist.config import SyntheticConfig, load_config
 from mfdist.errors import ConfigError
-from mfdist.foldin.job import fold_in, run_foldin
+from mfdist.foldin.job import fold_in, ridge_for, run_foldin
 from mfdist.foldin.solve import Ridge, solve_row
 from mfdist.pipeline import run
+from mfdist.published import run_metric
 from mfdist.recommend import republish
 from mfdist.synth import generate_ratings
 
@@ -134,6 +137,15 @@ def test_foldin_publishes_a_run_with_the_folded_users_solved_against_the_base_it
     assert [(r.item_id, r.reason) for r in rejected] == [("9999", "item_id has no factors in run base")]
     assert result.record.rejected_rows == 1 and result.record.accepted_rows == given.count()
     assert lake.latest_succeeded_run(spark, root) == "fold"
+    # The reg it solved with is recorded, so a later fold-in on this run solves with it too.
+    assert run_metric(spark, root, "fold", "train", "reg") == pytest.approx(cfg.train.reg)
+
+
+def test_foldin_solves_with_the_reg_the_base_run_recorded_over_its_config():
+    cfg = _config(Path("/tmp"), "unit", "new", "train.algorithm=dsgd", "train.reg=0.12")
+    assert ridge_for(cfg, mean_count=2.0).reg == 0.12
+    chosen = ridge_for(cfg, mean_count=2.0, reg=0.03)  # train.tune_reg's choice, metric train/reg
+    assert chosen.reg == 0.03 and chosen.factor(2) == pytest.approx(0.03 * 2.0)
 
 
 def test_foldin_of_items_replaces_their_factors_and_similar_items(spark, lake_with_base):

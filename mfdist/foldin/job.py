@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, replace
 from functools import partial
+from typing import Optional
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -17,7 +18,7 @@ from mfdist.ingest import count_by_reason, ingest
 from mfdist.model import Model
 from mfdist.pipeline import Metrics, with_ingest_counts
 from mfdist.publish import Publisher, RunRecord, epochs_frame, factor_table, metrics_frame
-from mfdist.published import factor_rank, run_config, run_mu
+from mfdist.published import factor_rank, run_config, run_metric, run_mu
 from mfdist.recommend import recommend, similar_item_lists, similar_items_table
 from mfdist.reindex import build_index, check_capacity
 from mfdist.report import build_report
@@ -26,12 +27,13 @@ from mfdist.train.dsgd.tasks import FREQUENCY_EXPONENT
 log = logging.getLogger(__name__)
 
 
-def ridge_for(base: Config, *, mean_count: float) -> Ridge:
-    """The penalties of the trainer that fitted the base run."""
+def ridge_for(base: Config, *, mean_count: float, reg: Optional[float] = None) -> Ridge:
+    """The penalties of the trainer that fitted the base run (``reg``: the one it fitted with, where it recorded one)."""
     t = base.train
+    reg = t.reg if reg is None else reg
     if t.algorithm == "als":
-        return Ridge(t.reg, t.bias_reg, t.biases)
-    return Ridge(t.reg, t.bias_reg, t.biases, exponent=FREQUENCY_EXPONENT, mean_count=mean_count)
+        return Ridge(reg, t.bias_reg, t.biases)
+    return Ridge(reg, t.bias_reg, t.biases, exponent=FREQUENCY_EXPONENT, mean_count=mean_count)
 
 
 def fold_in(ratings: DataFrame, fixed: DataFrame, *, key: str, other: str, mu: float, rank: int, ridge: Ridge,
@@ -139,10 +141,10 @@ def run_foldin(spark: SparkSession, cfg: Config) -> FoldinResult:
         with metrics.timed("foldin") as info:
             usable = known.join(index, side.id_col).cache()
             mu = run_mu(spark, root, base_id)
-            train_rows = lake.read_partition(spark, root, S.METRICS, base_id).where(
-                (F.col("stage") == "split") & (F.col("metric") == "train_rows")).select("value").first()
+            train_rows = run_metric(spark, root, base_id, "split", "train_rows")
             trained = published(side.factors).count()
-            ridge = ridge_for(base, mean_count=(train_rows[0] if train_rows else trained) / max(trained, 1))
+            # train.tune_reg's choice, or the configured reg (runs before the metric was recorded).
+            ridge = ridge_for(base, mean_count=(train_rows or trained) / max(trained, 1), reg=run_metric(spark, root, base_id, "train", "reg"))
             solved = fold_in(usable, fixed.select(other.idx_col, S.BIAS, S.FACTORS), key=side.idx_col, other=other.idx_col,
                              mu=mu, rank=rank, ridge=ridge,
                              broadcast_max_mb=cfg.output.broadcast_max_mb).cache()
@@ -152,6 +154,7 @@ def run_foldin(spark: SparkSession, cfg: Config) -> FoldinResult:
         # metrics.value is a number, so the base run's id is in the metric's name.
         metrics.add("foldin", f"base_run={base_id}", 1.0)
         metrics.add("train", "mu", mu)  # jobs/recommend.py and later fold-ins score this run with it
+        metrics.add("train", "reg", ridge.reg)
 
         with metrics.timed("recommend") as info:
             base_recs = published(S.RECOMMENDATIONS)

@@ -60,6 +60,14 @@ class TrainState:
     # The kept epoch's training objective after each of the last epochs (train.tol's window).
     recent_losses: list[float] = field(default_factory=list)
     first_rollback: Optional[int] = None  # the first epoch the bold driver rolled back
+    # train.tune_reg: the reg of the epochs from stage_start on, that stage's lowest validation RMSE and the
+    # epochs since it, the reg of best_epoch, and whether the path has ended.
+    reg: Optional[float] = None
+    stage_start: int = 1
+    stage_best: Optional[float] = None
+    stage_stale: int = 0
+    best_reg: Optional[float] = None
+    tuned: bool = False
 
 
 @dataclass(frozen=True)

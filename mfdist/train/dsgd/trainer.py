@@ -40,6 +40,9 @@ BOLD_DRIVER_DOWN = 0.5
 # train.tol compares the objective with this many epochs before: a shorter window would see the bold
 # driver's rolled-back epochs (no change) as convergence.
 CONVERGENCE_EPOCHS = 3
+# train.tune_reg's path, as multiples of train.reg, lowest first: a low reg leaves the small random
+# start within a few epochs, and each higher one starts from the factors the lower one fitted.
+REG_PATH = (0.25, 0.5, 1.0, 2.0, 4.0)
 
 
 def sub_epoch(ratings: RDD, blocks: RDD, *, stratum: int, grid: Grid, step) -> RDD:
@@ -81,7 +84,8 @@ class DSGDTrainer(Trainer):
         store = CheckpointStore(spark, f"{lake.checkpoint_path(self.cfg.run.checkpoint_dir, run_id)}/dsgd")
         previous = store.read_state()
         # Another seed than the split's: the validation slice is a uniform part of the training ratings.
-        train, validation = random_split(train, test_fraction=es.validation_fraction, seed=seed + 2) if es.enabled else (train, None)
+        validating = es.enabled or t.tune_reg
+        train, validation = random_split(train, test_fraction=es.validation_fraction, seed=seed + 2) if validating else (train, None)
         stats = _summary(train, validation, test)
         slots = task_slots(spark)
         d = t.blocks or (previous.layout["d"] if previous else slots)
@@ -89,7 +93,8 @@ class DSGDTrainer(Trainer):
         mu = float(stats["mu"]) if t.biases else 0.0
         layout_key = {
             "d": d, "rank": t.rank, "held": grid.held_col, "n_held": grid.n_held, "n_moving": grid.n_moving, "biases": t.biases,
-            "seed": seed, **({"validation_fraction": es.validation_fraction} if es.enabled else {}),
+            "seed": seed, **({"validation_fraction": es.validation_fraction} if validating else {}),
+            **({"tune_reg": True} if t.tune_reg else {}),
             **({"warm_start_run": self.warm.run_id} if self.warm else {}),
         }
         state = _resume_state(previous, layout_key, run_id, store)
@@ -99,7 +104,7 @@ class DSGDTrainer(Trainer):
             f"resuming after epoch {state.epoch}" if state else f"from run {self.warm.run_id}'s factors" if self.warm else "from scratch",
         )
         records: list[EpochRecord] = []
-        if state is None or (state.epoch < t.epochs and not _stopped(state, es) and not _converged(state, t.tol)):
+        if state is None or (state.epoch < t.epochs and _why_done(state, t) is None):
             # Independent jobs, submitted from threads so that Spark runs them side by side: their small
             # Python tasks leave slots idle one after another (the demo, 2 cores: 7.3 s of jobs in a row).
             with ThreadPoolExecutor(max_workers=4) as pool:
@@ -121,13 +126,9 @@ class DSGDTrainer(Trainer):
                     records.append(record)
                     if callback:
                         callback(record)
-                    if _stopped(state, es):
-                        log.info("dsgd: stopped after epoch %d, no validation improvement for %d epochs; best epoch %d (RMSE %.4f)",
-                                 epoch, es.patience, state.best_epoch, state.best_rmse)
-                        break
-                    if _converged(state, t.tol):
-                        log.info("dsgd: converged after epoch %d: the objective fell by less than train.tol=%g over %d epochs",
-                                 epoch, t.tol, CONVERGENCE_EPOCHS)
+                    done = _why_done(state, t)
+                    if done:
+                        log.info("dsgd: %s after epoch %d", done, epoch)
                         break
             finally:
                 layout.unpersist()
@@ -147,7 +148,8 @@ class DSGDTrainer(Trainer):
         store.write_initial(train, grid, rank=t.rank, seed=self.cfg.run.seed, warm=self.warm, biases=t.biases)
         trained = store.trained_rows(0)
         means = [n_train / max(trained.get(kind, 0), 1) for kind in (HELD, MOVING)]
-        state = TrainState(epoch=0, kept_epoch=0, step_size=t.step_size, loss=None, layout=layout_key, mean_counts=means)
+        state = TrainState(epoch=0, kept_epoch=0, step_size=t.step_size, loss=None, layout=layout_key, mean_counts=means,
+                           reg=t.reg * REG_PATH[0] if t.tune_reg else None)
         store.write_state(state)
         return state
 
@@ -167,6 +169,8 @@ class DSGDTrainer(Trainer):
             if kept is not None:
                 kept.rdd.unpersist()
             kept = KeptBlocks(store.read_blocks(state.kept_epoch, rank=t.rank), 0, base=state.kept_epoch)
+        if state.reg is not None:
+            hyper = replace(hyper, reg=state.reg)
         blocks = run_epoch(layout, hyper, kept.rdd, lr=lr, seed=self.cfg.run.seed, epoch=epoch).persist(StorageLevel.MEMORY_AND_DISK)
         score_test = samples.test is not None and (epoch % t.eval_every == 0 or epoch == t.epochs)
         errors, rows = store.write_blocks(epoch, blocks, grid, samples.wanted(grid, test=score_test), rank=t.rank)
@@ -185,6 +189,8 @@ class DSGDTrainer(Trainer):
             finished = blocks
         if samples.validation is not None:
             state = _track_best(state, epoch, validation_rmse, min_delta=t.early_stopping.min_delta)
+        if t.tune_reg:
+            state = _tune_reg(_track_stage(state, validation_rmse, min_delta=t.early_stopping.min_delta), t)
         state = replace(state, recent_losses=(state.recent_losses + [state.loss])[-CONVERGENCE_EPOCHS - 1:])
         # The state names the epochs to keep before the others' files go, so a kill in between resumes.
         store.write_state(state)
@@ -200,12 +206,54 @@ class DSGDTrainer(Trainer):
 def _track_best(state: TrainState, epoch: int, rmse: Optional[float], *, min_delta: float) -> TrainState:
     """The state after ``epoch`` with validation RMSE ``rmse`` (None: a rolled-back epoch, no improvement)."""
     if rmse is not None and (state.best_rmse is None or rmse < state.best_rmse - min_delta):
-        return replace(state, best_epoch=epoch, best_rmse=rmse, stale=0)
+        return replace(state, best_epoch=epoch, best_rmse=rmse, best_reg=state.reg, stale=0)
     return replace(state, stale=state.stale + 1)
+
+
+def _track_stage(state: TrainState, rmse: Optional[float], *, min_delta: float) -> TrainState:
+    """The state after an epoch of the current reg's stage with validation RMSE ``rmse`` (None: rolled back)."""
+    if rmse is not None and (state.stage_best is None or rmse < state.stage_best - min_delta):
+        return replace(state, stage_best=rmse, stage_stale=0)
+    return replace(state, stage_stale=state.stage_stale + 1)
+
+
+def _tune_reg(state: TrainState, t: TrainConfig) -> TrainState:
+    """train.tune_reg: the state after an epoch, on the path's next reg once this reg's stage has ended.
+
+    A stage ends when its own validation RMSE has not improved for train.early_stopping.patience
+    epochs (a higher reg's stage first shrinks the factors the lower one fitted, and may pass the
+    best so far only after some epochs) or its objective has converged (train.tol). The path ends
+    at a stage that did not beat the stages before it, or after the highest reg; the fit keeps
+    the best validation epoch.
+    """
+    if state.tuned or (state.stage_stale < t.early_stopping.patience and not _converged(state, t.tol)):
+        return state
+    regs = [t.reg * m for m in REG_PATH]
+    nxt = next((r for r in regs if r > state.reg * (1 + 1e-9)), None)
+    improved = state.best_epoch is not None and state.best_epoch >= state.stage_start
+    if nxt is None or not improved:
+        return replace(state, tuned=True)
+    log.info("dsgd: train.tune_reg: reg %g -> %g after epoch %d (best validation RMSE %.4f at epoch %d)",
+             state.reg, nxt, state.epoch, state.best_rmse, state.best_epoch)
+    # A new objective: the bold driver and train.tol compare the epochs from here on only.
+    return replace(state, reg=nxt, stage_start=state.epoch + 1, stage_best=None, stage_stale=0, loss=None, recent_losses=[])
 
 
 def _stopped(state: TrainState, es: EarlyStoppingConfig) -> bool:
     return es.enabled and state.stale >= es.patience
+
+
+def _why_done(state: TrainState, t: TrainConfig) -> Optional[str]:
+    """Why the fit ends before train.epochs, or None while it goes on."""
+    if t.tune_reg:
+        return f"train.tune_reg chose reg {state.best_reg:g} (best validation epoch {state.best_epoch})" if state.tuned else None
+    es = t.early_stopping
+    if _stopped(state, es):
+        return (f"stopped, no validation improvement for {es.patience} epochs; best epoch {state.best_epoch} "
+                f"(RMSE {state.best_rmse:.4f})")
+    if _converged(state, t.tol):
+        return f"converged: the objective fell by less than train.tol={t.tol:g} over {CONVERGENCE_EPOCHS} epochs"
+    return None
 
 
 def _converged(state: TrainState, tol: float) -> bool:
@@ -225,11 +273,13 @@ def _converged(state: TrainState, tol: float) -> bool:
 
 def _stopping_metrics(state: TrainState, t: TrainConfig, final: int) -> dict[str, float]:
     """``metrics`` rows of the fit: the epoch it kept, the epochs it ran, why it stopped before train.epochs."""
-    figures = {"final_epoch": float(final), "epochs_run": float(state.epoch), "converged": float(_converged(state, t.tol))}
+    figures = {"final_epoch": float(final), "epochs_run": float(state.epoch), "converged": float(_converged(state, t.tol)),
+               # The reg the kept model was fitted with (train.tune_reg's choice): fold-in solves with it.
+               "reg": state.best_reg if state.best_reg is not None else t.reg}
     if t.early_stopping.enabled:
         figures["stopped_early"] = float(_stopped(state, t.early_stopping))
-        if state.best_rmse is not None:
-            figures["validation_rmse"] = state.best_rmse
+    if state.best_rmse is not None:
+        figures["validation_rmse"] = state.best_rmse
     return figures
 
 
