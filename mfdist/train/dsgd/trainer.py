@@ -203,16 +203,21 @@ class DSGDTrainer(Trainer):
         return state, record, kept
 
 
+def _beats(rmse: Optional[float], best: Optional[float], min_delta: float) -> bool:
+    """Whether a validation RMSE (None: a rolled-back epoch) improves on ``best`` by more than ``min_delta`` (Keras's rule)."""
+    return rmse is not None and (best is None or rmse < best - min_delta)
+
+
 def _track_best(state: TrainState, epoch: int, rmse: Optional[float], *, min_delta: float) -> TrainState:
     """The state after ``epoch`` with validation RMSE ``rmse`` (None: a rolled-back epoch, no improvement)."""
-    if rmse is not None and (state.best_rmse is None or rmse < state.best_rmse - min_delta):
+    if _beats(rmse, state.best_rmse, min_delta):
         return replace(state, best_epoch=epoch, best_rmse=rmse, best_reg=state.reg, stale=0)
     return replace(state, stale=state.stale + 1)
 
 
 def _track_stage(state: TrainState, rmse: Optional[float], *, min_delta: float) -> TrainState:
     """The state after an epoch of the current reg's stage with validation RMSE ``rmse`` (None: rolled back)."""
-    if rmse is not None and (state.stage_best is None or rmse < state.stage_best - min_delta):
+    if _beats(rmse, state.stage_best, min_delta):
         return replace(state, stage_best=rmse, stage_stale=0)
     return replace(state, stage_stale=state.stage_stale + 1)
 
@@ -246,7 +251,8 @@ def _stopped(state: TrainState, es: EarlyStoppingConfig) -> bool:
 def _why_done(state: TrainState, t: TrainConfig) -> Optional[str]:
     """Why the fit ends before train.epochs, or None while it goes on."""
     if t.tune_reg:
-        return f"train.tune_reg chose reg {state.best_reg:g} (best validation epoch {state.best_epoch})" if state.tuned else None
+        chosen = state.best_reg if state.best_reg is not None else state.reg  # no scored epoch: the last stage's
+        return f"train.tune_reg chose reg {chosen:g} (best validation epoch {state.best_epoch})" if state.tuned else None
     es = t.early_stopping
     if _stopped(state, es):
         return (f"stopped, no validation improvement for {es.patience} epochs; best epoch {state.best_epoch} "
