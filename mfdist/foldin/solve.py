@@ -7,7 +7,7 @@ neither the job's driver side nor the trainers.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -43,19 +43,18 @@ def solve_row(fixed: np.ndarray, target: np.ndarray, ridge: Ridge) -> tuple[floa
 _ELEMENT = pa.list_(pa.field("element", pa.float32(), nullable=False))
 
 
-def solve_partition(batches: Iterator[pa.RecordBatch], *, key: str, rank: int, ridge: Ridge) -> Iterator[pa.RecordBatch]:
-    """A partition's ratings sorted by ``key`` (key, _y = r - mu - b_fixed, _q = fixed factors) -> each key's (key, bias, factors).
+def dense_side(table: pa.Table, *, idx_col: str, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """A fixed side's (idx, bias, factors) rows as (bias, factors) arrays indexed by idx (absent rows: zeros)."""
+    idx = table.column(idx_col).to_numpy()
+    n = int(idx.max()) + 1 if len(idx) else 0
+    bias, factors = np.zeros(n, np.float32), np.zeros((n, rank), np.float32)
+    bias[idx] = table.column(S.BIAS).to_numpy()
+    factors[idx] = table.column(S.FACTORS).combine_chunks().flatten().to_numpy().reshape(-1, rank)
+    return bias, factors
 
-    One task's partition of the ratings being folded in is held at once (bounded like a block);
-    the rows of a key are contiguous, so the solves are a loop over slices.
-    """
-    found = [b for b in batches if b.num_rows]
-    if not found:
-        return
-    table = pa.Table.from_batches(found)
-    keys = table.column(key).to_numpy()
-    target = table.column("_y").to_numpy().astype(np.float64)
-    fixed = table.column("_q").combine_chunks().flatten().to_numpy().reshape(-1, rank).astype(np.float64)
+
+def _solves(keys: np.ndarray, target: np.ndarray, fixed: np.ndarray, *, key: str, rank: int, ridge: Ridge) -> pa.RecordBatch:
+    """(key, bias, factors) of each run of equal ``keys``, solved on its rows of ``fixed`` and ``target``."""
     starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
     bounds = np.r_[starts, len(keys)]
     bias = np.empty(len(starts), np.float32)
@@ -64,6 +63,36 @@ def solve_partition(batches: Iterator[pa.RecordBatch], *, key: str, rank: int, r
         lo, hi = bounds[j], bounds[j + 1]
         bias[j], factors[j] = solve_row(fixed[lo:hi], target[lo:hi], ridge)
     vecs = pa.FixedSizeListArray.from_arrays(pa.array(factors.ravel(), pa.float32()), rank).cast(_ELEMENT)
-    yield pa.RecordBatch.from_arrays([pa.array(keys[starts].astype(np.int32)), pa.array(bias), vecs], names=[key, S.BIAS, S.FACTORS])
+    return pa.RecordBatch.from_arrays([pa.array(keys[starts].astype(np.int32)), pa.array(bias), vecs], names=[key, S.BIAS, S.FACTORS])
 
 
+def _partition(batches: Iterator[pa.RecordBatch]) -> pa.Table | None:
+    """One task's partition of the ratings being folded in, held at once (bounded like a block); None when empty."""
+    found = [b for b in batches if b.num_rows]
+    return pa.Table.from_batches(found) if found else None
+
+
+def solve_partition(batches: Iterator[pa.RecordBatch], *, key: str, rank: int, ridge: Ridge) -> Iterator[pa.RecordBatch]:
+    """A partition's ratings sorted by ``key`` (key, _y = r - mu - b_fixed, _q = fixed factors) -> each key's (key, bias, factors)."""
+    table = _partition(batches)
+    if table is None:
+        return
+    fixed = table.column("_q").combine_chunks().flatten().to_numpy().reshape(-1, rank).astype(np.float64)
+    target = table.column("_y").to_numpy().astype(np.float64)
+    yield _solves(table.column(key).to_numpy(), target, fixed, key=key, rank=rank, ridge=ridge)
+
+
+def solve_against(shared, *, key: str, other: str, rank: int, ridge: Ridge) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
+    """mapInArrow body: a partition sorted by ``key`` (key, other, _y = r - mu) solved against the broadcast
+    :func:`dense_side` of the fixed side, which each rating looks up by ``other`` in the worker."""
+
+    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        table = _partition(batches)
+        if table is None:
+            return
+        bias, factors = shared.value
+        others = table.column(other).to_numpy()
+        target = table.column("_y").to_numpy().astype(np.float64) - bias[others]
+        yield _solves(table.column(key).to_numpy(), target, factors[others].astype(np.float64), key=key, rank=rank, ridge=ridge)
+
+    return run
