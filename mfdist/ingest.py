@@ -220,6 +220,21 @@ def resolve_duplicates(accepted: DataFrame, *, policy: str) -> tuple[DataFrame, 
     return kept, _raw_strings(superseded, F.lit(REASON_DUPLICATE))
 
 
+def row_counts(validated: DataFrame, *, distinct_pairs: bool) -> tuple[int, int, int | None]:
+    """Rows read, invalid rows and, when ``distinct_pairs``, the distinct (user, item) pairs among the valid rows.
+
+    One job: the pairs come from the hash aggregation that counts the rows (rows and invalid rows
+    per pair; a pair is valid when not all its rows are invalid), so the input is scanned once.
+    """
+    rows, bad = F.count(F.lit(1)).alias("n"), F.count(S.REASON).alias("bad")
+    if not distinct_pairs:
+        found = validated.agg(rows, bad).first()
+        return int(found["n"]), int(found["bad"]), None
+    per_pair = validated.groupBy(S.USER_ID, S.ITEM_ID).agg(rows, bad)
+    found = per_pair.agg(F.sum("n").alias("n"), F.sum("bad").alias("bad"), F.count_if(F.col("n") > F.col("bad")).alias("pairs")).first()
+    return int(found["n"] or 0), int(found["bad"] or 0), int(found["pairs"] or 0)
+
+
 # Formats whose rows are cheaper to read again than to cache (a columnar scan of four columns): their
 # ratings are re-read by each later use; text and generated sources are parsed or drawn once and cached.
 _RESCANNED = {"parquet", "delta", "table"}
@@ -235,8 +250,8 @@ def _parsed_once(validated: DataFrame) -> DataFrame:
 def ingest(spark: SparkSession, cfg: InputConfig, *, path: str | None = None) -> IngestResult:
     """Read, validate and de-duplicate ``path`` (default ``cfg.path``); counts are Spark actions.
 
-    Repeated pairs are looked for by counting the distinct pairs (a hash aggregation of the
-    keys alone); only a set that has some pays for resolving them. A text or generated source
+    Repeated pairs are looked for by counting the distinct pairs in the job that counts the
+    rows (:func:`row_counts`); only a set that has some pays for resolving them. A text or generated source
     is validated once into a cache that the counts, the ratings and the invalid rows read (a
     set with repeated pairs reads it again to resolve them); the rejected rows are cached when
     there are any.
@@ -246,14 +261,13 @@ def ingest(spark: SparkSession, cfg: InputConfig, *, path: str | None = None) ->
     full = validate(map_columns(raw, columns, source or "synthetic ratings"), rating_range=cfg.rating_range)
     parsed = _parsed_once(full) if cfg.format not in _RESCANNED else None
     validated = parsed if parsed is not None else full
-    counts = validated.agg(F.count(F.lit(1)).alias("n"), F.count(S.REASON).alias("bad")).first()
-    input_rows, invalid = int(counts["n"]), int(counts["bad"])
+    # Generated ratings are de-duplicated as they are drawn (mfdist.synth).
+    input_rows, invalid, pairs = row_counts(validated, distinct_pairs=cfg.format != "synthetic")
     if input_rows == invalid:
         raise InputError(f"input.path {source or 'synthetic'}: no valid ratings ({input_rows} rows read, all rejected)")
     accepted = validated.where(F.col(S.REASON).isNull())
     ratings = accepted.select(S.USER_ID, S.ITEM_ID, S.RATING, S.TS)
-    # Generated ratings are de-duplicated as they are drawn (mfdist.synth).
-    unique = input_rows - invalid if cfg.format == "synthetic" else ratings.groupBy(S.USER_ID, S.ITEM_ID).count().count()
+    unique = input_rows - invalid if pairs is None else pairs
     rejected, n_superseded = rejected_rows(validated), 0
     resolved = unique < input_rows - invalid
     if resolved:

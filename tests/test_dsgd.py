@@ -484,3 +484,30 @@ def test_ml100k_u1_meets_the_accuracy_goal(spark, ml100k, tmp_path):
     rmse = rating_metrics(test, result.model, rating_range=cfg.input.rating_range)["rmse"]
     assert rmse <= 0.920
     assert result.metrics["converged"] == 1.0 or result.epochs[-1].epoch == 40
+
+
+def _pyspark_file(_) -> str:
+    import pyspark
+
+    return pyspark.__file__
+
+
+def test_python_workers_import_an_installed_pyspark_from_its_package_not_its_zip(spark):
+    # From the zip every forked worker compiles PySpark from source, and every task re-reads the zip's directory.
+    files = spark.sparkContext.parallelize(range(2), 2).map(_pyspark_file).collect()
+    assert all(".zip" not in f for f in files), files
+
+
+def test_only_a_pip_installed_pyspark_s_own_zip_and_jars_leave_the_worker_path(tmp_path):
+    from mfdist.daemon import installed_pyspark_path
+
+    site = tmp_path / "site-packages"
+    (site / "pyspark" / "python" / "lib").mkdir(parents=True)
+    (site / "pyspark" / "jars").mkdir()
+    (site / "pyspark" / "__init__.py").write_text("")
+    installed = [str(site / "pyspark" / "python" / "lib" / "pyspark.zip"), str(site / "pyspark" / "jars" / "spark-core.jar"),
+                 "/app", str(site)]
+    assert installed_pyspark_path(installed) == [str(site), "/app"]
+    # A Spark distribution's (a cluster's SPARK_HOME) is the only PySpark its workers have.
+    distribution = ["/opt/spark/python/lib/pyspark.zip", "/opt/spark/jars/spark-core.jar", "/opt/spark/python/lib/py4j.zip"]
+    assert installed_pyspark_path(distribution) == distribution
