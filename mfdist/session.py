@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 # Partition values such as run_id=20261122 must stay strings, whatever they look like.
 _FIXED_CONF = {"spark.sql.sources.partitionColumnTypeInference.enabled": "false"}
+_SIMPLIFIED_TRACEBACK = "spark.sql.execution.pyspark.udf.simplifiedTraceback.enabled"
 
 
 def launched_by_spark_submit() -> bool:
@@ -57,6 +58,7 @@ def _build(cfg: Config, *, dump: bool) -> tuple[SparkSession, Optional[jvm.Archi
     if cfg.spark.master and not launched_by_spark_submit():
         builder = builder.master(cfg.spark.master)
     conf = {**local_worker_conf(cfg), **cfg.spark.conf, **local_catalog_conf(cfg), **_FIXED_CONF}
+    conf = {**one_worker_pool(conf), **conf}
     # Only a JVM this call starts takes the options (a session reuses a running one, also after a stop).
     starts_jvm = SparkContext._gateway is None and starts_local_jvm(cfg)
     archive = jvm.plan_archive(conf, dump=dump) if starts_jvm else None
@@ -110,6 +112,18 @@ def local_worker_conf(cfg: Config) -> dict[str, str]:
     workers as ``--py-files``, which Spark puts on a task's path, not on its daemon's.
     """
     return {"spark.python.daemon.module": "mfdist.daemon"} if starts_local_jvm(cfg) else {}
+
+
+def one_worker_pool(conf: dict[str, str]) -> dict[str, str]:
+    """The executor environment that lets RDD tasks and SQL's Python UDFs share one daemon and its workers.
+
+    Spark keeps a daemon (and its pool of forked workers) per distinct worker environment, and
+    its Arrow and pandas UDF runners add SPARK_SIMPLIFIED_TRACEBACK=1 to theirs: a DSGD fit ran
+    two daemons, each paying the imports and every worker start once more.
+    """
+    if str(conf.get(_SIMPLIFIED_TRACEBACK, "true")).lower() == "false":
+        return {}
+    return {"spark.executorEnv.SPARK_SIMPLIFIED_TRACEBACK": "1"}
 
 
 def master(spark: SparkSession) -> str:

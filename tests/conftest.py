@@ -57,6 +57,8 @@ def spark(tmp_path_factory: pytest.TempPathFactory, viewfs_dir: Path) -> SparkSe
         .config("spark.sql.execution.arrow.pyspark.enabled", "true")
         # As mfdist.session.build_session does for local masters: workers fork with the DSGD kernel loaded.
         .config("spark.python.daemon.module", "mfdist.daemon")
+        # As mfdist.session.one_worker_pool does: RDD tasks and SQL's Python UDFs share that daemon.
+        .config("spark.executorEnv.SPARK_SIMPLIFIED_TRACEBACK", "1")
         # The status store keeps plans and task data of past jobs even with the UI off; a
         # long suite in one JVM would fill the heap with them.
         .config("spark.sql.ui.retainedExecutions", "20")

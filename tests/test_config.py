@@ -6,7 +6,7 @@ import pytest
 
 from mfdist.config import TRAINER_DEFAULTS, Config, config_from_dict, load_config, parse_overrides
 from mfdist.errors import ConfigError
-from mfdist.session import local_worker_conf
+from mfdist.session import local_worker_conf, one_worker_pool
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -130,3 +130,8 @@ def test_only_local_masters_fork_python_workers_from_the_preloaded_daemon(monkey
     assert local_worker_conf(load_config(None, ["spark.master=spark://127.0.0.1:7077"])) == {}
     monkeypatch.setenv("PYSPARK_GATEWAY_PORT", "1")  # spark-submit's --master decides
     assert local_worker_conf(load_config(None, ["spark.master=local[2]"])) == {}
+
+
+def test_rdd_tasks_get_the_worker_environment_of_sql_udfs_unless_their_tracebacks_are_full():
+    assert one_worker_pool({}) == {"spark.executorEnv.SPARK_SIMPLIFIED_TRACEBACK": "1"}
+    assert one_worker_pool({"spark.sql.execution.pyspark.udf.simplifiedTraceback.enabled": "false"}) == {}

@@ -12,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from pyspark.sql import functions as F
 
@@ -196,6 +197,18 @@ def test_python_workers_fork_from_a_daemon_that_loaded_the_kernel(spark):
     # Without it the workers' main module is pyspark.daemon, and a new worker compiles (or loads) the kernel mid-epoch.
     states = spark.sparkContext.parallelize(range(4), 4).map(_worker_state).collect()
     assert all(main == "mfdist.daemon" and compiled >= 1 for main, compiled in states), states
+
+
+def _daemon_pids(batches):
+    yield pa.RecordBatch.from_pydict({"ppid": [os.getppid()]})
+
+
+def test_rdd_tasks_and_arrow_udfs_share_one_daemon(spark):
+    # Arrow UDFs add SPARK_SIMPLIFIED_TRACEBACK to the worker environment; without the same variable on RDD
+    # tasks Spark starts a second daemon, which pays the imports and every worker start again.
+    rdd_daemons = set(spark.sparkContext.parallelize(range(4), 4).map(lambda _: os.getppid()).collect())
+    udf_daemons = {r.ppid for r in spark.range(4).repartition(4).mapInArrow(_daemon_pids, "ppid long").collect()}
+    assert len(rdd_daemons) == 1 and udf_daemons == rdd_daemons, (rdd_daemons, udf_daemons)
 
 
 @pytest.mark.parametrize("tasks_per_sub_epoch", [3, 2])
