@@ -33,6 +33,7 @@ from mfdist import lake
 from mfdist import schema as S
 from mfdist.train.dsgd import tasks
 from mfdist.train.dsgd.kernel import NO_ERRORS, BlockErrors
+from mfdist.train.dsgd.layout import rows_of
 from mfdist.train.dsgd.schedule import HELD, MOVING, Grid
 
 if TYPE_CHECKING:
@@ -157,7 +158,7 @@ class CheckpointStore:
 
     def read_blocks(self, epoch: int, *, rank: int) -> RDD:
         """The factor blocks of ``epoch`` as an RDD of FactorBlock (their epoch errors reset)."""
-        return self._rows(epoch).rdd.map(partial(tasks.from_row, rank=rank))
+        return rows_of(self._rows(epoch)).map(partial(tasks.from_row, rank=rank))
 
     def trained_rows(self, epoch: int) -> dict[str, int]:
         """Rows with training ratings per side (two numbers)."""

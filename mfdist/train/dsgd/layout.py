@@ -18,6 +18,7 @@ from pyspark import RDD, StorageLevel
 from pyspark.serializers import BatchedSerializer, CPickleSerializer
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
+from pyspark.sql import types as T
 
 from mfdist import schema as S
 from mfdist.train.dsgd import tasks
@@ -38,6 +39,17 @@ def zippable(rdd: RDD) -> RDD:
     batch size; every RDD zipped here holds one large element per partition.
     """
     return rdd._reserialize(_ONE_PER_BATCH)
+
+
+def rows_of(frame: DataFrame) -> RDD:
+    """``frame`` as an RDD of Rows, its binary columns as base64 text (read with :func:`~mfdist.train.dsgd.tasks.from_text`).
+
+    ``DataFrame.rdd`` pickles a binary value as a latin-1 str, which the Python worker decodes from
+    UTF-8 byte by byte where bytes are not ASCII, as most bytes of packed numbers are; ASCII text
+    decodes at memory speed. 64 MB of float32 in 64 rows, 2 tasks: 0.56 s as binary, 0.40 s as base64.
+    """
+    binary = {f.name for f in frame.schema.fields if isinstance(f.dataType, T.BinaryType)}
+    return frame.select(*(F.base64(c).alias(c) if c in binary else F.col(c) for c in frame.columns)).rdd
 
 
 @dataclass
@@ -67,7 +79,7 @@ def cells(ratings: DataFrame, grid: Grid) -> DataFrame:
 def stratum(ratings: DataFrame, grid: Grid, s: int, *, rank: int, seed: int) -> RDD:
     """Stratum ``s`` as an RDD of ``grid.tasks`` partitions, each one list of (h, m, laid-out RatingBlock) (not yet persisted)."""
     cut = cells(ratings, grid).where(F.col("_s") == s).drop("_s")
-    pieces = cut.mapInArrow(tasks.cut_by_block, tasks.PIECE_DDL).rdd.map(tasks.unpack_piece)
+    pieces = rows_of(cut.mapInArrow(tasks.cut_by_block, tasks.PIECE_DDL)).map(tasks.unpack_piece)
     blocks = pieces.partitionBy(grid.tasks, identity).mapPartitionsWithIndex(
         partial(tasks.layout_partition, grid=grid, stratum=s, rank=rank, seed=seed), preservesPartitioning=True
     )

@@ -9,6 +9,7 @@ task (a lost executor, a speculative copy) produces the same bytes.
 
 from __future__ import annotations
 
+import base64
 import math
 from dataclasses import dataclass
 from typing import Iterator, NamedTuple
@@ -114,10 +115,15 @@ def fresh(fb: FactorBlock) -> FactorBlock:
     return fb._replace(errors=NO_ERRORS)
 
 
+def from_text(value: str, dtype) -> np.ndarray:
+    """An array sent as base64 text (a binary column of :func:`mfdist.train.dsgd.layout.rows_of`), read-only."""
+    return np.frombuffer(base64.b64decode(value), dtype)
+
+
 def from_row(row, *, rank: int) -> FactorBlock:
-    """A checkpoint row as a FactorBlock with writable arrays, starting an epoch (no errors yet)."""
+    """A checkpoint row of :func:`~mfdist.train.dsgd.layout.rows_of` as a FactorBlock with writable arrays, starting an epoch (no errors yet)."""
     def array(name: str, dtype) -> np.ndarray:
-        return np.frombuffer(row[name], dtype).copy()
+        return from_text(row[name], dtype).copy()
 
     return FactorBlock(
         row["kind"], row["block"], array("vecs", np.float32).reshape(-1, rank), array("bias", np.float32),
@@ -195,8 +201,9 @@ def cut_by_block(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
 
 
 def unpack_piece(row) -> tuple[int, tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
-    """(held block, (moving block, rows, cols, vals)): keyed by the held block, which names the task."""
-    arrays = (np.frombuffer(row["rows"], np.int32), np.frombuffer(row["cols"], np.int32), np.frombuffer(row["vals"], np.float32))
+    """(held block, (moving block, rows, cols, vals)) of a row of :func:`~mfdist.train.dsgd.layout.rows_of`: keyed by
+    the held block, which names the task."""
+    arrays = (from_text(row["rows"], np.int32), from_text(row["cols"], np.int32), from_text(row["vals"], np.float32))
     return row["_b"], (row["_m"], *arrays)
 
 
