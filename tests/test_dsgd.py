@@ -3,6 +3,7 @@ the bold driver, resuming an interrupted run, and the job end to end with train.
 
 from __future__ import annotations
 
+import base64
 import math
 import os
 import shutil
@@ -128,6 +129,30 @@ def test_the_kernel_compiles_where_numba_has_no_writable_cache(tmp_path):
     proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == ["2", str(package / "train" / "dsgd" / "kernel.py")]
+
+
+def test_epoch_0_counts_each_rows_ratings_across_input_tasks_and_warm_starts_only_trained_rows():
+    d, rank = 2, 3
+    grid = D.grid_for(d, slots=2, users=10, items=4, user_col="u", item_col="i")
+    inputs = [pa.RecordBatch.from_pydict({D.HELD: np.array(h, np.int64), D.MOVING: np.array(m, np.int64)})
+              for h, m in (([0, 2, 2, 7], [1, 1, 3, 3]), ([2, 7, 9], [0, 1, 1]))]
+    parts = pa.Table.from_batches([b for batch in inputs for b in tasks.row_counts(iter([batch]), d=d)])
+    held_0 = parts.filter(pa.compute.and_(pa.compute.equal(parts["_kind"], D.HELD), pa.compute.equal(parts["_block"], 0)))
+    # Held block 0 holds indices 0, 2, 4, 6, 8 (local rows 0..4). Of the warm rows, local row 1 (index 2) is
+    # trained and takes its values; local row 2 (index 4) has no ratings and row 7 lies past the block.
+    warm = pa.Table.from_pydict({
+        "_kind": [D.HELD] * 3, "_block": [0] * 3, "_row": [1, 2, 7], "_wb": [0.5, 0.7, 0.9],
+        "_wv": [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, 8.0, 9.0]],
+    }, schema=pa.schema([("_kind", pa.string()), ("_block", pa.int32()), ("_row", pa.int32()), ("_wb", pa.float32()),
+                         ("_wv", pa.list_(pa.float32()))]))
+    row = tasks.initial_block(held_0, warm, grid=grid, rank=rank, seed=1).to_pylist()[0]
+    fb = tasks.from_row({k: base64.b64encode(v).decode() if isinstance(v, bytes) else v for k, v in row.items()}, rank=rank)
+    np.testing.assert_array_equal(fb.counts, [1, 3, 0, 0, 0])  # index 0 once, index 2 three times over two tasks
+    np.testing.assert_array_equal(fb.vecs[1], [1.0, 2.0, 3.0])
+    assert fb.bias[1] == np.float32(0.5) and fb.bias[0] == 0 and not fb.vecs[2:].any() and fb.vecs[0].any()
+    moving_1 = parts.filter(pa.compute.and_(pa.compute.equal(parts["_kind"], D.MOVING), pa.compute.equal(parts["_block"], 1)))
+    assert sorted(zip(*(np.concatenate([np.frombuffer(v, np.int32) for v in moving_1[c].to_pylist()]).tolist()
+                        for c in ("_rows", "_n")))) == [(0, 2), (0, 2), (1, 2)]  # items 1 (twice per task) and 3
 
 
 def test_penalty_weights():

@@ -100,13 +100,20 @@ class _Reports(AccumulatorParam):
         return a
 
 
-def _with_warm_rows(counts: DataFrame, warm: WarmStart | None, idx_col: str, *, biases: bool) -> DataFrame:
-    """``counts`` (_idx, _n) with _wb (bias) and _wv (factors): the warm start's row where it has one, else null."""
+def _warm_rows(spark: SparkSession, warm: WarmStart | None, grid: Grid, *, biases: bool) -> DataFrame:
+    """The warm start's rows of both sides as (_kind, _block, _row, _wb bias, _wv factors); none without one."""
     if warm is None:
-        return counts.select("*", F.lit(None).cast("float").alias("_wb"), F.lit(None).cast(S.FACTOR_TYPE).alias("_wv"))
+        return spark.createDataFrame([], tasks.WARM_DDL)
     bias = F.col(S.BIAS) if biases else F.lit(0.0)
-    rows = warm.side(idx_col).select(F.col(idx_col).alias("_idx"), bias.cast("float").alias("_wb"), F.col(S.FACTORS).alias("_wv"))
-    return counts.join(rows, "_idx", "left")
+    sides = [
+        warm.side(grid.side_col(kind)).select(
+            F.lit(kind).alias("_kind"), (F.col(grid.side_col(kind)) % grid.d).cast("int").alias("_block"),
+            (F.col(grid.side_col(kind)) / grid.d).cast("int").alias("_row"), bias.cast("float").alias("_wb"),
+            F.col(S.FACTORS).alias("_wv"),
+        )
+        for kind in (HELD, MOVING)
+    ]
+    return sides[0].unionByName(sides[1])
 
 
 class CheckpointStore:
@@ -138,20 +145,24 @@ class CheckpointStore:
 
     def write_initial(self, ratings: DataFrame, grid: Grid, *, rank: int, seed: int, warm: WarmStart | None = None,
                       biases: bool = True) -> None:
-        """Epoch 0: every block of both sides, built from the rows' rating counts (and the ``warm`` start's rows
-        where it has them) by one task per block."""
-        d = grid.d
-        numbers = self.spark.range(d).select(F.col("id").cast("int").alias("_block"))
-        sides = []
-        for kind in (HELD, MOVING):
-            idx_col = grid.side_col(kind)
-            counts = ratings.groupBy(F.col(idx_col).alias("_idx")).agg(F.count(F.lit(1)).cast("int").alias("_n"))
-            counts = _with_warm_rows(counts, warm, idx_col, biases=biases).select(
-                (F.col("_idx") % d).cast("int").alias("_block"), (F.col("_idx") / d).cast("int").alias("_row"), "_n", "_wb", "_wv",
-            )
-            build = partial(tasks.initial_block, kind=kind, grid=grid, rank=rank, seed=seed)
-            sides.append(numbers.groupBy("_block").cogroup(counts.groupBy("_block")).applyInArrow(build, tasks.BLOCK_DDL))
-        sides[0].unionByName(sides[1]).write.mode("overwrite").parquet(self.epoch_path(0))
+        """Epoch 0: every block of both sides, built from its rows' rating counts (and the ``warm`` start's rows
+        where it has them) by one task per block.
+
+        The counts are counted per input task in numpy and summed per block, rather than by a
+        grouping of the ratings per row in Spark: at 20M ratings those grouping stages took about
+        8 s of JVM CPU beside the layout (the fit of 2 epochs: 37.9 -> 28.5 s).
+        """
+        # A row per block with no counts, so that a block without ratings is built too.
+        every_block = self.spark.range(2 * grid.d).select(
+            F.when(F.col("id") < grid.d, HELD).otherwise(MOVING).alias("_kind"), (F.col("id") % grid.d).cast("int").alias("_block"),
+            F.lit(b"").alias("_rows"), F.lit(b"").alias("_n"),
+        )
+        sides = (F.col(grid.held_col).alias(HELD), F.col(grid.moving_col).alias(MOVING))
+        counts = ratings.select(*sides).mapInArrow(partial(tasks.row_counts, d=grid.d), tasks.COUNTS_DDL).unionByName(every_block)
+        build = partial(tasks.initial_block, grid=grid, rank=rank, seed=seed)
+        warm_rows = _warm_rows(self.spark, warm, grid, biases=biases)
+        blocks = counts.groupBy("_kind", "_block").cogroup(warm_rows.groupBy("_kind", "_block")).applyInArrow(build, tasks.BLOCK_DDL)
+        blocks.write.mode("overwrite").parquet(self.epoch_path(0))
 
     def _rows(self, epoch: int) -> DataFrame:
         return self.spark.read.schema(tasks.BLOCK_DDL).parquet(self.epoch_path(epoch))

@@ -131,26 +131,60 @@ def from_row(row, *, rank: int) -> FactorBlock:
     )
 
 
-def initial_block(blocks: pa.Table, counts: pa.Table, *, kind: str, grid: Grid, rank: int, seed: int) -> pa.Table:
-    """Epoch 0 of one block (a cogroup of the block number with its rows' rating counts and warm-start rows).
+# Epoch 0's inputs: each input task's rating counts of the rows of a block (sparse), and warm-start rows.
+COUNTS_DDL = "_kind string, _block int, _rows binary, _n binary"
+_COUNTS_SCHEMA = pa.schema([("_kind", pa.string()), ("_block", pa.int32()), ("_rows", pa.binary()), ("_n", pa.binary())])
+WARM_DDL = f"_kind string, _block int, _row int, _wb float, _wv {S.FACTOR_TYPE.simpleString()}"
+
+
+def row_counts(batches: Iterator[pa.RecordBatch], *, d: int) -> Iterator[pa.RecordBatch]:
+    """One input task's ratings (held, moving index) as counts per row: a row (kind, block, local rows, counts) per block.
+
+    Sparse (only the rows the task has), so a task's output is bounded by its input, whatever the sides' sizes.
+    """
+    found = [b for b in batches if b.num_rows]
+    if not found:
+        return
+    table = pa.Table.from_batches(found)
+    for kind in (HELD, MOVING):
+        idx, n = np.unique(table.column(kind).to_numpy(), return_counts=True)
+        block = idx % d
+        order = np.argsort(block, kind="stable")  # rows stay ascending within a block
+        idx, n, block = idx[order], n[order], block[order]
+        starts = np.concatenate(([0], np.flatnonzero(np.diff(block)) + 1))
+        ends = np.concatenate((starts[1:], [len(idx)]))
+        yield pa.RecordBatch.from_pydict({
+            "_kind": [kind] * len(starts), "_block": block[starts].astype(np.int32),
+            "_rows": [(idx[lo:hi] // d).astype(np.int32).tobytes() for lo, hi in zip(starts, ends)],
+            "_n": [n[lo:hi].astype(np.int32).tobytes() for lo, hi in zip(starts, ends)],
+        }, schema=_COUNTS_SCHEMA)
+
+
+def initial_block(counts: pa.Table, warm: pa.Table, *, grid: Grid, rank: int, seed: int) -> pa.Table:
+    """Epoch 0 of one block: a cogroup of its input tasks' row counts (:func:`row_counts`) with its warm-start rows.
 
     Random factors on trained rows (seeded by side and block) and zero biases, except where a
-    warm start gives a row's bias (_wb) and factors (_wv); AdaGrad sums of 1.
+    warm start gives a trained row's bias (_wb) and factors (_wv); AdaGrad sums of 1.
     """
-    b = blocks.column("_block")[0].as_py()
+    kind, b = counts.column("_kind")[0].as_py(), counts.column("_block")[0].as_py()
     size = grid.block_rows(kind, b)
-    n = np.zeros(size, np.int32)
-    rows = counts.column("_row").to_numpy()
-    n[rows] = counts.column("_n").to_numpy()
+    rows = np.concatenate([np.frombuffer(v, np.int32) for v in counts.column("_rows").to_pylist()])
+    parts = np.concatenate([np.frombuffer(v, np.int32) for v in counts.column("_n").to_pylist()])
+    n = np.bincount(rows, weights=parts, minlength=size).astype(np.int32)
     rng = np.random.default_rng([seed, 0 if kind == HELD else 1, b])
     vecs = (rng.standard_normal((size, rank)) * (INIT_SCALE / math.sqrt(rank))).astype(np.float32)
     vecs[n == 0] = 0.0  # untrained rows predict with the bias model, as evaluate does
     bias = np.zeros(size, np.float32)
-    warm = counts.column("_wv").combine_chunks()
-    if warm.null_count < len(warm):
-        has = warm.is_valid().to_numpy(zero_copy_only=False)
-        vecs[rows[has]] = warm.filter(has).flatten().to_numpy().reshape(-1, rank)
-        bias[rows[has]] = counts.column("_wb").to_numpy()[has]
+    if warm.num_rows:
+        warm_rows = warm.column("_row").to_numpy()
+        factors = warm.column("_wv").combine_chunks()
+        # Only rows trained now take the base run's values (an id of the base run may have no ratings here).
+        trained = np.zeros(len(warm_rows), bool)
+        inside = warm_rows < size
+        trained[inside] = n[warm_rows[inside]] > 0
+        has = factors.is_valid().to_numpy(zero_copy_only=False) & trained
+        vecs[warm_rows[has]] = factors.filter(has).flatten().to_numpy().reshape(-1, rank)
+        bias[warm_rows[has]] = warm.column("_wb").to_numpy()[has]
     fb = FactorBlock(kind, b, vecs, bias, n, np.ones(size, np.float32), NO_ERRORS)
     return pa.Table.from_pylist([dict(zip(_ARROW_BLOCK_SCHEMA.names, block_row(fb)))], schema=_ARROW_BLOCK_SCHEMA)
 
