@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 from pyspark.sql import functions as F
 
@@ -137,7 +138,10 @@ def test_epoch_0_counts_each_rows_ratings_across_input_tasks_and_warm_starts_onl
     inputs = [pa.RecordBatch.from_pydict({D.HELD: np.array(h, np.int64), D.MOVING: np.array(m, np.int64)})
               for h, m in (([0, 2, 2, 7], [1, 1, 3, 3]), ([2, 7, 9], [0, 1, 1]))]
     parts = pa.Table.from_batches([b for batch in inputs for b in tasks.row_counts(iter([batch]), d=d)])
-    held_0 = parts.filter(pa.compute.and_(pa.compute.equal(parts["_kind"], D.HELD), pa.compute.equal(parts["_block"], 0)))
+    def part(kind: str, block: int) -> pa.Table:
+        return parts.filter((pc.field("_kind") == kind) & (pc.field("_block") == block))
+
+    held_0 = part(D.HELD, 0)
     # Held block 0 holds indices 0, 2, 4, 6, 8 (local rows 0..4). Of the warm rows, local row 1 (index 2) is
     # trained and takes its values; local row 2 (index 4) has no ratings and row 7 lies past the block.
     warm = pa.Table.from_pydict({
@@ -150,7 +154,7 @@ def test_epoch_0_counts_each_rows_ratings_across_input_tasks_and_warm_starts_onl
     np.testing.assert_array_equal(fb.counts, [1, 3, 0, 0, 0])  # index 0 once, index 2 three times over two tasks
     np.testing.assert_array_equal(fb.vecs[1], [1.0, 2.0, 3.0])
     assert fb.bias[1] == np.float32(0.5) and fb.bias[0] == 0 and not fb.vecs[2:].any() and fb.vecs[0].any()
-    moving_1 = parts.filter(pa.compute.and_(pa.compute.equal(parts["_kind"], D.MOVING), pa.compute.equal(parts["_block"], 1)))
+    moving_1 = part(D.MOVING, 1)
     assert sorted(zip(*(np.concatenate([np.frombuffer(v, np.int32) for v in moving_1[c].to_pylist()]).tolist()
                         for c in ("_rows", "_n")))) == [(0, 2), (0, 2), (1, 2)]  # items 1 (twice per task) and 3
 
