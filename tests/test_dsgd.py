@@ -86,7 +86,7 @@ def test_layout_keeps_every_rating_in_sub_block_order_whatever_the_input_order(m
     for a, b in zip(block, again):
         np.testing.assert_array_equal(a, b)
     assert sorted(zip(block.rows, block.cols, block.vals)) == sorted(zip(rows, cols, vals))
-    side = K.sub_block_side(4)
+    side = K.block_side(rows, cols, rank=4)
     for s in range(block.n_sub):
         lo, hi = block.offsets[s], block.offsets[s + 1]
         assert hi > lo

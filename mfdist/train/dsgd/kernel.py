@@ -2,7 +2,8 @@
 
 A block is laid out once as columnar arrays (``rows``, ``cols`` local row
 indices, ``vals`` ratings) sorted into *sub-blocks* of at most
-``sub_block_side(rank)`` rows by as many columns, and shuffled inside each
+``sub_block_side`` rows by as many columns (about
+``SUB_BLOCK_RATINGS`` ratings each), and shuffled inside each
 sub-block. A pass walks the sub-blocks in a random order and each sub-block's
 ratings sequentially, so the factor rows it touches stay in cache and the
 rating arrays are read as a stream (LIBMF's layout; reading the same ratings
@@ -41,6 +42,7 @@ step (the bold driver still scales ``lr`` per epoch).
 from __future__ import annotations
 
 import logging
+import math
 from typing import Callable, NamedTuple
 
 import numpy as np
@@ -68,13 +70,17 @@ def compiled(**options) -> Callable:
             return njit(nogil=True, fastmath=True, cache=False, **options)(fn)
     return wrap
 
-# A sub-block spans at most SUB_BLOCK_SIDE rows by as many columns, and less when one side's
-# factor rows would pass SUB_BLOCK_BYTES, so its rows and columns stay inside a 1-2 MiB L2
-# cache. bench/kernel.py (2M ratings, 100k x 10k) at rank 32: 35M updates/s with 512-1024
-# rows, 30-32M with 2048-4096; at rank 128: 9.5M with 1024 rows, 8.2M with 256. Smaller
-# sub-blocks hold too few ratings each and the jumps between them start to cost.
-SUB_BLOCK_SIDE = 1024
-SUB_BLOCK_BYTES = 512 * 1024
+# A sub-block holds about SUB_BLOCK_RATINGS ratings (its side follows the block's density), and
+# fewer where one side's factor rows would pass SUB_BLOCK_BYTES: each factor row it loads then
+# serves several ratings from the cache. A fixed 1024 x 1024 held 840 ratings at 20M ratings
+# (500k x 50k), so nearly every rating missed the cache twice. M updates/s on one core, 1024 x 1024
+# -> 20k ratings (bench/kernel.py, and its --parquet on bench/job.py's sets, a d = 2 block each):
+# at rank 32 uniform 2M (100k x 10k) 23.2 -> 35.6, the 5M set 31.6 -> 40.9, the 20M set 17.1 ->
+# 27.3; at rank 128 11.5 -> 16.8, 16.8 -> 19.7, 8.7 -> 14.4. 5k ratings gave 22-33 at rank 32,
+# 40k about the same as 20k.
+SUB_BLOCK_RATINGS = 20_000
+SUB_BLOCK_BYTES = 4 << 20
+MIN_SUB_BLOCK_SIDE = 16
 
 
 class RatingBlock(NamedTuple):
@@ -90,16 +96,25 @@ class RatingBlock(NamedTuple):
         return len(self.offsets) - 1
 
 
-def sub_block_side(rank: int) -> int:
-    """Rows (and columns) per sub-block: SUB_BLOCK_SIDE, fewer where a side's factors would pass SUB_BLOCK_BYTES."""
-    return max(16, min(SUB_BLOCK_SIDE, SUB_BLOCK_BYTES // (4 * rank)))
+def sub_block_side(rank: int, *, rows: int, cols: int, ratings: int) -> int:
+    """Rows (and columns) per sub-block of a ``rows`` x ``cols`` block of ``ratings`` ratings (see SUB_BLOCK_RATINGS)."""
+    dense = math.sqrt(SUB_BLOCK_RATINGS * rows * cols / max(ratings, 1))
+    return max(MIN_SUB_BLOCK_SIDE, min(int(dense), SUB_BLOCK_BYTES // (4 * rank)))
 
 
-def layout_block(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, *, rank: int, seed: int) -> RatingBlock:
-    """Sort a block's (distinct) ratings into sub-blocks, shuffled (seeded) inside each one."""
-    side = sub_block_side(rank)
+def block_side(rows: np.ndarray, cols: np.ndarray, *, rank: int) -> int:
+    """The sub-block side of a block with these (local) row and column indices."""
+    extent = (int(rows.max()) + 1, int(cols.max()) + 1) if len(rows) else (1, 1)
+    return sub_block_side(rank, rows=extent[0], cols=extent[1], ratings=len(rows))
+
+
+def layout_block(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, *, rank: int, seed: int,
+                 side: int | None = None) -> RatingBlock:
+    """Sort a block's (distinct) ratings into sub-blocks (``side`` rows by as many columns; by default
+    :func:`block_side`'s), shuffled (seeded) inside each one."""
     rows = np.asarray(rows, dtype=np.int32)
     cols = np.asarray(cols, dtype=np.int32)
+    side = side or block_side(rows, cols, rank=rank)
     n_sub_cols = int(cols.max()) // side + 1 if len(cols) else 1
     sub = (rows.astype(np.int64) // side) * n_sub_cols + cols // side
     # A hash of (row, col) rather than of the position: the layout does not depend on input order.
