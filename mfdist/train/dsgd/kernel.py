@@ -73,11 +73,11 @@ def compiled(**options) -> Callable:
 # A sub-block holds about SUB_BLOCK_RATINGS ratings (its side follows the block's density), and
 # fewer where one side's factor rows would pass SUB_BLOCK_BYTES: each factor row it loads then
 # serves several ratings from the cache. A fixed 1024 x 1024 held 840 ratings at 20M ratings
-# (500k x 50k), so nearly every rating missed the cache twice. M updates/s on one core, 1024 x 1024
-# -> 20k ratings (bench/kernel.py, and its --parquet on bench/job.py's sets, a d = 2 block each):
-# at rank 32 uniform 2M (100k x 10k) 23.2 -> 35.6, the 5M set 31.6 -> 40.9, the 20M set 17.1 ->
-# 27.3; at rank 128 11.5 -> 16.8, 16.8 -> 19.7, 8.7 -> 14.4. 5k ratings gave 22-33 at rank 32,
-# 40k about the same as 20k.
+# (500k x 50k), so nearly every rating missed the cache twice. bench/kernel.py, M updates/s on one
+# core, fixed 1024 x 1024 -> this: uniform 2M (100k x 10k) 26.1 -> 37.6-39.5 at rank 32, 8.4 ->
+# 16.1 at rank 128; with --parquet on the 20M set's d = 2 block 17.3 -> 27.7 and 6.5 -> 14.2.
+# A scan of 5k, 10k, 20k and 40k ratings per sub-block on those blocks and the 5M set's: 20k was
+# best or tied at both ranks.
 SUB_BLOCK_RATINGS = 20_000
 SUB_BLOCK_BYTES = 4 << 20
 MIN_SUB_BLOCK_SIDE = 16
