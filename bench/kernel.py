@@ -11,7 +11,7 @@ ids, as one task of a d = 2 fit gets them. Three layouts of the same ratings are
 same arrays:
 
 - ``laid out``: what the trainer runs, :func:`mfdist.train.dsgd.kernel.layout_block`
-  (sub-blocks of about SUB_BLOCK_RATINGS ratings, shuffled inside each, read sequentially);
+  (sub-blocks of about SUB_BLOCK_RATINGS ratings, by row inside each, read sequentially);
 - ``1024 x 1024``: the same with sub-blocks of a fixed 1024 rows by 1024 columns (the layout
   before the sub-block size followed the block's density);
 - ``one shuffle``: the same ratings in one random order with a single sub-block,
