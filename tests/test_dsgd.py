@@ -391,6 +391,15 @@ def test_a_grid_larger_than_the_task_slots_runs_as_many_sub_epochs_as_tasks(plan
     assert rmse[6] == pytest.approx(rmse[2], abs=0.02)
 
 
+def _best_epoch(records, *, min_delta: float):
+    """The last epoch that beat the best so far by more than ``min_delta`` (Keras's rule)."""
+    best = None
+    for r in records:
+        if r.validation_rmse is not None and (best is None or r.validation_rmse < best.validation_rmse - min_delta):
+            best = r
+    return best
+
+
 def test_early_stopping_stops_on_the_validation_slice_and_keeps_its_best_epoch(planted, tmp_path):
     train, test = planted
     cfg = _config(
@@ -398,10 +407,7 @@ def test_early_stopping_stops_on_the_validation_slice_and_keeps_its_best_epoch(p
         "train.early_stopping.patience=2", "train.early_stopping.min_delta=0.002", "train.early_stopping.validation_fraction=0.2",
     )
     fit = make_trainer(cfg).fit(train, test=test)
-    best = None  # the last epoch that beat the best so far by more than min_delta (Keras's rule)
-    for r in fit.epochs:
-        if r.validation_rmse is not None and (best is None or r.validation_rmse < best.validation_rmse - 0.002):
-            best = r
+    best = _best_epoch(fit.epochs, min_delta=0.002)
     assert fit.metrics["stopped_early"] == 1.0 and fit.epochs[-1].epoch == best.epoch + 2 < 40
     assert fit.metrics["final_epoch"] == best.epoch and fit.metrics["validation_rmse"] == pytest.approx(best.validation_rmse)
     # The model is the best epoch's: its RMSE on the held-out slice (rebuilt by the same hash) is that epoch's.
@@ -421,10 +427,7 @@ def test_tune_reg_climbs_the_path_while_the_validation_rmse_improves(planted, tm
         "train.early_stopping.min_delta=0.001",
     )
     fit = make_trainer(cfg).fit(train, test=test)
-    best = None  # the best epoch by Keras's rule: an improvement of more than min_delta on the best so far
-    for r in fit.epochs:
-        if r.validation_rmse is not None and (best is None or r.validation_rmse < best.validation_rmse - 0.001):
-            best = r
+    best = _best_epoch(fit.epochs, min_delta=0.001)
     assert fit.metrics["final_epoch"] == best.epoch and fit.metrics["validation_rmse"] == pytest.approx(best.validation_rmse)
     assert fit.metrics["reg"] in [pytest.approx(0.2 * m) for m in trainer_module.REG_PATH]
     assert fit.epochs[-1].epoch < 40  # the path ended on a stage that did not beat the ones before it

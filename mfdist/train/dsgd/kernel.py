@@ -5,8 +5,8 @@ indices, ``vals`` ratings) sorted into *sub-blocks* of at most
 ``sub_block_side`` rows by as many columns (about
 ``SUB_BLOCK_RATINGS`` ratings each), by row inside each sub-block with
 each row's ratings in a seeded random order. A pass walks the sub-blocks in
-a random order and each sub-block's ratings sequentially, so the factor rows it touches stay in cache and the
-rating arrays are read as a stream (LIBMF's layout; reading the same ratings
+a random order and each sub-block's ratings sequentially, so the factor rows
+it touches stay in cache and the rating arrays are read as a stream (LIBMF's layout; reading the same ratings
 through a random index array is several times slower).
 
 Model and update for one rating ``r`` of row ``u`` and column ``i``
@@ -77,7 +77,7 @@ def compiled(**options) -> Callable:
 # core, fixed 1024 x 1024 -> this: uniform 2M (100k x 10k) 26.1 -> 37.6-39.5 at rank 32, 8.4 ->
 # 16.1 at rank 128; with --parquet on the 20M set's d = 2 block 17.3 -> 27.7 and 6.5 -> 14.2.
 # A scan of 5k, 10k, 20k and 40k ratings per sub-block on those blocks and the 5M set's: 20k was
-# best or tied at both ranks.
+# best or tied at both ranks. (Figures from before the row order inside sub-blocks; see layout_block.)
 SUB_BLOCK_RATINGS = 20_000
 SUB_BLOCK_BYTES = 4 << 20
 MIN_SUB_BLOCK_SIDE = 16
