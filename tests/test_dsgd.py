@@ -23,6 +23,7 @@ from mfdist import schema as S
 from mfdist.config import load_config
 from mfdist.errors import ConfigError
 from mfdist.evaluate import rating_metrics
+from mfdist.hashing import splitmix64
 from mfdist.ingest import read_movielens
 from mfdist.pipeline import run
 from mfdist.split import random_split
@@ -92,6 +93,26 @@ def test_layout_keeps_every_rating_in_sub_block_order_whatever_the_input_order(m
         assert hi > lo
         assert len(set(block.rows[lo:hi] // side)) == 1 and len(set(block.cols[lo:hi] // side)) == 1
         assert np.all(np.diff(block.rows[lo:hi]) >= 0)  # by row inside a sub-block
+
+
+@pytest.mark.parametrize("side", [16, 37, None])
+def test_layout_orders_by_sub_block_row_and_the_cells_hash(side):
+    """The compiled counting sorts give numpy's lexicographic order of (sub-block, row, splitmix64 of the cell)."""
+    rng = np.random.default_rng(4)
+    rows, cols, vals = _random_block(rng, 300, 90, 4000)
+    rows = np.concatenate([rows, np.full(90, 299)])  # one row with more ratings than the insertion sort takes
+    cols = np.concatenate([cols, np.arange(90)])
+    rows, cols = np.unique(np.stack([rows, cols], 1), axis=0).T
+    vals = rng.random(len(rows))
+    block = K.layout_block(rows, cols, vals, rank=4, seed=13, side=side)
+    side = side or K.block_side(rows, cols, rank=4)
+    sub = (rows // side) * (cols.max() // side + 1) + cols // side
+    cell = (rows.astype(np.uint64) << np.uint64(32)) | cols.astype(np.uint64)
+    order = np.lexsort((splitmix64(cell ^ np.uint64(13)), rows, sub))
+    np.testing.assert_array_equal(block.rows, rows[order])
+    np.testing.assert_array_equal(block.cols, cols[order])
+    np.testing.assert_array_equal(block.vals, vals[order].astype(np.float32))
+    np.testing.assert_array_equal(block.offsets, np.flatnonzero(np.diff(sub[order], prepend=-1, append=-1)))
 
 
 def test_a_pass_returns_the_objective_it_starts_from():
